@@ -1,0 +1,94 @@
+"""Service configuration: typed settings read from ``MODELPRESS_*`` environment variables.
+
+Units are in the names (``_bytes``, ``_s``). The embedded default needs no server: SQLite, a
+local artifact directory and Celery on kombu's SQLAlchemy transport over a second SQLite file.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+StorageBackend = Literal["local", "postgres", "s3"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELPRESS_", extra="ignore")
+
+    # --- persistence -------------------------------------------------------------------
+    database_url: str = "sqlite:///./var/modelpress.db"
+    # Embedded default: kombu's SQLAlchemy transport (checked with Celery 5.7 here).
+    broker_url: str = "sqla+sqlite:///./var/broker.db"
+    # None = "local" with SQLite, "postgres" (chunked table) with Postgres.
+    storage_backend: StorageBackend | None = None
+    storage_dir: Path = Path("./var/artifacts")
+    # Uploads stream here before validation; None = the system temp dir.
+    tmp_dir: Path | None = None
+
+    # --- S3 (any S3-compatible endpoint) ---------------------------------------------------
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+
+    # --- upload limits -----------------------------------------------------------------------
+    max_model_bytes: int = 2 * 1024**3  # 2 GiB
+    max_dataset_bytes: int = 2 * 1024**3  # 2 GiB
+    # The sandboxed loader that inspects uploaded models.
+    inspect_timeout_s: float = 120.0
+    inspect_memory_mb: int = 4096
+
+    # --- jobs ----------------------------------------------------------------------------
+    job_lease_s: float = 60.0  # a claim expires this long after the last heartbeat
+    heartbeat_interval_s: float = 10.0  # must be well below job_lease_s
+    progress_write_interval_s: float = 0.5  # throttle for progress rows (stage changes always write)
+    max_attempts: int = 3  # claims per job, counting the first
+    # Celery limits: soft < hard < broker visibility timeout, so a task is never redelivered
+    # while a live worker still runs it.
+    job_soft_time_limit_s: int = 3600
+    job_hard_time_limit_s: int = 3660
+    broker_visibility_timeout_s: int = 7200
+    auto_queue: Literal["cpu", "gpu"] = "cpu"  # queue for device="auto"
+    # Queued jobs not picked up for this long are re-sent by the reconciler.
+    requeue_after_s: float = 300.0
+    reaper_interval_s: float = 30.0
+
+    # --- auth ----------------------------------------------------------------------------
+    # Create a development tenant + key on first start (embedded default only by default).
+    dev_key_bootstrap: bool | None = None
+    dev_key_file: Path = Path("./var/dev-api-key")
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if not (self.job_soft_time_limit_s < self.job_hard_time_limit_s
+                < self.broker_visibility_timeout_s):
+            raise ValueError("need job_soft_time_limit_s < job_hard_time_limit_s "
+                             "< broker_visibility_timeout_s")
+        if self.heartbeat_interval_s >= self.job_lease_s:
+            raise ValueError("heartbeat_interval_s must be below job_lease_s")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def resolved_storage_backend(self) -> StorageBackend:
+        if self.storage_backend is not None:
+            return self.storage_backend
+        return "local" if self.is_sqlite else "postgres"
+
+    @property
+    def resolved_dev_key_bootstrap(self) -> bool:
+        return self.is_sqlite if self.dev_key_bootstrap is None else self.dev_key_bootstrap
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
