@@ -1,0 +1,333 @@
+"""Safe reading of ``torch.export.save`` archives (``.pt2``).
+
+``torch.export.load`` unpickles in several places (``use_pickle`` weights and constants,
+custom/opaque object constants, legacy ``<model>.pt`` weight files, and sample inputs through a
+``weights_only=False`` fallback) and ``data/aotinductor/`` members load shared libraries. So we
+inspect the zip before anything is loaded and accept only the layout that ``torch.export.save``
+(torch 2.13) writes for a plain program::
+
+    <root>/archive_format, archive_version, byteorder, version, .data/version,
+    .data/serialization_id, models/<name>.json, data/weights/<name>_weights_config.json,
+    data/weights/weight_<i>, data/constants/<name>_constants_config.json,
+    data/constants/tensor_<i>, data/sample_inputs/<name>.pt, extra/<anything>
+
+Every other member is refused. The load itself should still run in a sandboxed child
+(``formats.sandbox``) when the file is untrusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import stat
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+
+from app.engine.errors import InvalidModel, UnsafeModel
+
+# Zip bomb guards. A .pt2 stores members uncompressed, so a real one has ratio ~1.
+MAX_MEMBERS = 100_000
+MAX_RATIO = 100.0  # uncompressed / compressed bytes, per member and overall
+_RATIO_FLOOR_BYTES = 1 << 20  # ratios are only judged on members larger than 1 MiB
+MAX_CONFIG_BYTES = 64 << 20  # JSON configs and model.json read into memory
+MAX_SAMPLE_INPUT_BYTES = 256 << 20
+
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+_ZIP_MAGIC = b"PK\x03\x04"
+_NAME_RE = r"[A-Za-z0-9_.\-]+"
+_ALLOWED = [
+    re.compile(p)
+    for p in (
+        r"archive_format",
+        r"archive_version",
+        r"byteorder",
+        r"version",
+        r"\.data/version",
+        r"\.data/serialization_id",
+        rf"models/{_NAME_RE}\.json",
+        rf"data/weights/{_NAME_RE}_weights_config\.json",
+        r"data/weights/weight_\d+",
+        rf"data/constants/{_NAME_RE}_constants_config\.json",
+        r"data/constants/tensor_\d+",
+        rf"data/sample_inputs/{_NAME_RE}\.pt",
+        r"extra/.+",
+    )
+]
+_WEIGHT_FILE_RE = re.compile(r"weight_\d+")
+_CONSTANT_FILE_RE = re.compile(r"tensor_\d+")
+
+
+def _member_problem(info: zipfile.ZipInfo) -> str | None:
+    """Why this zip member is unsafe by its name/attributes alone, or None."""
+    name = info.filename
+    if not name or "\x00" in name or "\\" in name:
+        return "contains a NUL or backslash"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "is an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "contains '..'"
+    mode = info.external_attr >> 16
+    if info.create_system == 3 and stat.S_ISLNK(mode):
+        return "is a symlink"
+    if info.flag_bits & 0x1:
+        return "is encrypted"
+    return None
+
+
+def inspect_zip(
+    path: Path, *, max_uncompressed_bytes: int, what: str = "archive"
+) -> list[zipfile.ZipInfo]:
+    """Structural zip checks shared by .pt2 and .npz: traversal, symlinks, bomb sizes.
+
+    Returns the member list. Raises UnsafeModel for hostile structure and InvalidModel for a
+    file that is not a readable zip (callers for data files translate the class).
+    """
+    try:
+        size_on_disk = path.stat().st_size
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise InvalidModel(
+            f"{what} {path.name!r} is not a readable zip (truncated or corrupt): {e}",
+            details={"file": path.name},
+        ) from e
+    if len(infos) > MAX_MEMBERS:
+        raise UnsafeModel(f"{what} has {len(infos)} members (limit {MAX_MEMBERS})")
+    seen: set[str] = set()
+    total = 0
+    total_compressed = 0
+    for info in infos:
+        problem = _member_problem(info)
+        if problem:
+            raise UnsafeModel(f"{what} member {info.filename!r} {problem}",
+                              details={"member": info.filename})
+        if info.filename in seen:
+            raise UnsafeModel(f"{what} has a duplicate member {info.filename!r}")
+        seen.add(info.filename)
+        total += info.file_size
+        total_compressed += info.compress_size
+        if info.file_size > _RATIO_FLOOR_BYTES and (
+            info.file_size > MAX_RATIO * max(info.compress_size, 1)
+        ):
+            raise UnsafeModel(
+                f"{what} member {info.filename!r} expands {info.compress_size} -> "
+                f"{info.file_size} bytes (ratio limit {MAX_RATIO:g}): zip bomb",
+                details={"member": info.filename},
+            )
+    if total > max_uncompressed_bytes:
+        raise UnsafeModel(
+            f"{what} expands to {total} bytes, over the limit of {max_uncompressed_bytes}",
+            details={"uncompressed_bytes": total},
+        )
+    if total > _RATIO_FLOOR_BYTES and total > MAX_RATIO * max(size_on_disk, 1):
+        raise UnsafeModel(f"{what} expands {size_on_disk} -> {total} bytes: zip bomb")
+    # Overlapping entries (the "non-recursive" bomb) claim more compressed bytes than exist.
+    if total_compressed > size_on_disk:
+        raise UnsafeModel(f"{what} members claim {total_compressed} bytes in a "
+                          f"{size_on_disk}-byte file (overlapping entries)")
+    return infos
+
+
+def _sniff_non_pt2(path: Path, names: list[str] | None) -> None:
+    """Refuse pickles and TorchScript/torch.save zips with a clear message."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head[:2] in _PICKLE_MAGIC:
+        raise UnsafeModel(
+            f"{path.name!r} is a plain pickle (torch.save of a full model?): pickles execute code "
+            "on load and are never accepted; export with torch.export.save(...) to a .pt2"
+        )
+    if not head.startswith(_ZIP_MAGIC) and names is None:
+        raise InvalidModel(f"{path.name!r} is not a .pt2 archive (not a zip file)")
+    if names is None:
+        return
+    tails = {n.split("/", 1)[1] if "/" in n else n for n in names}
+    if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
+        raise UnsafeModel(
+            f"{path.name!r} is a TorchScript archive: TorchScript (code + pickles) is not "
+            "accepted; export with torch.export.save(...) to a .pt2"
+        )
+    if "data.pkl" in tails:
+        raise UnsafeModel(
+            f"{path.name!r} is a torch.save pickle archive (.pt/.pth): pickles execute code on "
+            "load and are never accepted; export with torch.export.save(...) to a .pt2"
+        )
+
+
+def _read_json(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Any:
+    if info.file_size > MAX_CONFIG_BYTES:
+        raise UnsafeModel(f"{info.filename!r} is {info.file_size} bytes (limit {MAX_CONFIG_BYTES})")
+    try:
+        return json.loads(zf.read(info))
+    except (ValueError, zipfile.BadZipFile, OSError, EOFError) as e:
+        raise InvalidModel(f"{info.filename!r} is not valid JSON: {e}") from e
+
+
+def _check_payload_config(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, root: str, kind: str, present: set[str]
+) -> None:
+    cfg = _read_json(zf, info)
+    entries = cfg.get("config") if isinstance(cfg, dict) else None
+    if not isinstance(entries, dict):
+        raise InvalidModel(f"{info.filename!r} has no 'config' mapping")
+    file_re = _WEIGHT_FILE_RE if kind == "weights" else _CONSTANT_FILE_RE
+    for fqn, meta in entries.items():
+        if not isinstance(meta, dict):
+            raise InvalidModel(f"{kind} entry {fqn!r} in {info.filename!r} is not an object")
+        if meta.get("use_pickle", False) is not False:
+            raise UnsafeModel(
+                f"{kind} entry {fqn!r} is marked use_pickle: true in {info.filename!r}; "
+                "pickled tensors execute code on load and are not accepted",
+                details={"member": info.filename, "entry": fqn},
+            )
+        path_name = meta.get("path_name")
+        if not isinstance(path_name, str) or not file_re.fullmatch(path_name):
+            # custom_obj_* / opaque_obj_* constants are pickles (torchbind or plain pickle).
+            raise UnsafeModel(
+                f"{kind} entry {fqn!r} points to {path_name!r}: only raw tensor payloads "
+                "are accepted (custom/opaque objects are pickles)",
+                details={"member": info.filename, "entry": fqn},
+            )
+        if meta.get("tensor_meta") is None:
+            raise InvalidModel(f"{kind} entry {fqn!r} has no tensor_meta")
+        if f"{root}data/{kind}/{path_name}" not in present:
+            raise InvalidModel(f"{kind} entry {fqn!r} refers to missing member {path_name!r}")
+
+
+def check_pt2_archive(path: Path, *, max_uncompressed_bytes: int = 4 << 30) -> None:
+    """Inspect a .pt2 without loading it. Raises UnsafeModel / InvalidModel.
+
+    Checks: it is a zip (not a pickle / TorchScript / torch.save archive), member names
+    (no absolute paths, ``..``, symlinks, encryption), sizes (total cap, compression ratio),
+    layout (whitelist above: no AOTInductor shared libraries, no legacy pickled weights), every
+    weights/constants config entry a raw tensor with ``use_pickle: false``, and sample inputs
+    loadable with ``torch.load(weights_only=True)``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidModel(f"{path.name!r} is not a file")
+    try:
+        zipfile_ok = zipfile.is_zipfile(path)
+    except OSError as e:
+        raise InvalidModel(f"cannot read {path.name!r}: {e}") from e
+    if not zipfile_ok:
+        _sniff_non_pt2(path, None)
+        raise InvalidModel(f"{path.name!r} is not a .pt2 archive (truncated or not a zip)")
+    infos = inspect_zip(path, max_uncompressed_bytes=max_uncompressed_bytes, what="pt2 archive")
+    names = [i.filename for i in infos]
+    _sniff_non_pt2(path, names)
+
+    roots = {n.split("/", 1)[0] for n in names}
+    if len(roots) != 1 or any("/" not in n for n in names):
+        raise InvalidModel(f"{path.name!r}: members must share one top-level folder, got "
+                           f"{sorted(roots)[:5]}")
+    root = next(iter(roots)) + "/"
+    by_tail = {i.filename[len(root):]: i for i in infos}
+    for tail in by_tail:
+        if not any(p.fullmatch(tail) for p in _ALLOWED):
+            raise UnsafeModel(
+                f"pt2 member {root + tail!r} is not part of a plain torch.export archive "
+                "(AOTInductor libraries, legacy pickled weights and custom objects are refused)",
+                details={"member": root + tail},
+            )
+    for required in ("archive_format", "archive_version"):
+        if required not in by_tail:
+            raise InvalidModel(f"{path.name!r} has no {required!r}: not a torch.export archive")
+
+    present = set(names)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if zf.read(by_tail["archive_format"]).strip() != b"pt2":
+                raise InvalidModel(f"{path.name!r}: archive_format is not 'pt2'")
+            models = [t[len("models/"):-len(".json")] for t in by_tail if t.startswith("models/")]
+            if "model" not in models:
+                raise InvalidModel(f"{path.name!r} has no models/model.json")
+            for name in models:
+                _read_json(zf, by_tail[f"models/{name}.json"])
+                for kind in ("weights", "constants"):
+                    cfg = by_tail.get(f"data/{kind}/{name}_{kind}_config.json")
+                    if cfg is None:
+                        raise InvalidModel(f"{path.name!r} has no {kind} config for {name!r}")
+                    _check_payload_config(zf, cfg, root, kind, present)
+                sample = by_tail.get(f"data/sample_inputs/{name}.pt")
+                if sample is not None:
+                    _check_sample_inputs(zf, sample)
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise InvalidModel(f"{path.name!r} is truncated or corrupt: {e}") from e
+
+
+def _check_sample_inputs(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    if info.file_size > MAX_SAMPLE_INPUT_BYTES:
+        raise UnsafeModel(f"sample inputs {info.filename!r} are {info.file_size} bytes "
+                          f"(limit {MAX_SAMPLE_INPUT_BYTES})")
+    raw = zf.read(info)
+    if not raw:
+        return
+    try:
+        torch.load(io.BytesIO(raw), weights_only=True)
+    except Exception as e:  # weights_only refusal is an UnpicklingError; anything else is corrupt
+        raise UnsafeModel(
+            f"sample inputs {info.filename!r} do not load with weights_only=True "
+            f"(they hold objects other than tensors): {type(e).__name__}",
+            details={"member": info.filename},
+        ) from e
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _strict_torch_artifacts() -> Iterator[None]:
+    """Make torch.export's deserializer refuse its ``weights_only=False`` pickle fallback.
+
+    Defence in depth: check_pt2_archive already proved the sample inputs load with
+    weights_only=True, but the file could be swapped between check and load.
+    """
+    from torch._export.serde import serialize
+
+    original = serialize.deserialize_torch_artifact
+
+    def strict(serialized: Any) -> Any:
+        if isinstance(serialized, dict | tuple):
+            return serialized
+        if len(serialized) == 0:
+            return {}
+        artifact = torch.load(io.BytesIO(serialized), weights_only=True)
+        if not isinstance(artifact, tuple | dict):
+            raise InvalidModel(f"sample inputs hold a {type(artifact).__name__}, not a tuple")
+        return artifact
+
+    with _PATCH_LOCK:
+        serialize.deserialize_torch_artifact = strict  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            serialize.deserialize_torch_artifact = original
+
+
+def load_pt2(path: Path) -> torch.export.ExportedProgram:
+    """check_pt2_archive, then torch.export.load with strict (weights_only) sample inputs.
+
+    In-process: callers facing untrusted input call this inside ``sandbox.inspect_model``'s
+    child first (or only ever load files the sandbox accepted).
+    """
+    path = Path(path)
+    check_pt2_archive(path)
+    try:
+        with _strict_torch_artifacts():
+            ep = torch.export.load(path)
+    except (InvalidModel, UnsafeModel):
+        raise
+    except Exception as e:
+        raise InvalidModel(f"torch.export.load failed on {path.name!r}: "
+                           f"{type(e).__name__}: {e}"[:2000]) from e
+    if not isinstance(ep, torch.export.ExportedProgram):
+        raise InvalidModel(f"{path.name!r} did not load as an ExportedProgram")
+    return ep
