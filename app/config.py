@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     # --- jobs ----------------------------------------------------------------------------
     job_lease_s: float = 60.0  # a claim expires this long after the last heartbeat
     heartbeat_interval_s: float = 10.0  # must be well below job_lease_s
-    progress_write_interval_s: float = 0.5  # throttle for progress rows (stage changes always write)
+    # Throttle for progress writes, seconds (a stage change always writes).
+    progress_write_interval_s: float = 0.5
     max_attempts: int = 3  # claims per job, counting the first
     # Celery limits: soft < hard < broker visibility timeout, so a task is never redelivered
     # while a live worker still runs it.

@@ -6,7 +6,7 @@ from typing import Any
 from sqlalchemy import ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db.base import ID, Base, utcnow
+from app.db.base import Base, utcnow
 
 
 class JobMetric(Base):

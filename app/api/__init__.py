@@ -1,0 +1,1 @@
+"""HTTP layer: thin routes, dependency aliases, the RFC 9457 error handler."""

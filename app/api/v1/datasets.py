@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from app.api.idempotency import commit_and_remember, replay
+from app.api.metrics import UPLOAD_BYTES
+from app.api.uploads import filename_from, receive_to_file
+from app.api.v1.models import ERRORS, IdemHeader
+from app.db.repositories import datasets as repo
+from app.db.repositories.pagination import CursorError
+from app.errors import NotFound, ValidationFailed
+from app.schemas.datasets import DatasetOut, DatasetPage
+from app.services import idempotency as idem
+from app.services.idempotency import StoredResponse
+from app.services.uploads import clean_filename, data_format, discard, ingest_dataset
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=201, response_model=DatasetOut, responses=ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/octet-stream": {"schema": {"type": "string",
+                                                         "format": "binary"}}}}})
+async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDep,
+                         store: StoreDep, settings: SettingsDep,
+                         model_id: Annotated[str | None, Query(max_length=64)] = None,
+                         filename: Annotated[str | None, Query(max_length=255)] = None,
+                         idempotency_key: IdemHeader = None) -> Response:
+    """Upload a `.npz` or `.safetensors` file (keys = the model's input names, optional
+    `labels`) as the raw request body; it is validated against `model_id`'s inputs."""
+    fp = idem.fingerprint("POST", request.url.path, request.url.query)
+    if idempotency_key:
+        stored = await run_in_threadpool(idem.find, session, tenant.tenant_id, idempotency_key,
+                                         fp)
+        if stored is not None:
+            return replay(stored)
+    if not model_id:
+        raise ValidationFailed("model_id is required: the data is validated against the "
+                               "inputs of that model")
+    name = clean_filename(filename_from(request, filename))
+    received = await receive_to_file(request, settings.max_dataset_bytes, settings.tmp_dir)
+    UPLOAD_BYTES.labels("dataset").inc(received.size)
+    try:
+        fmt = data_format(name, received.head)
+        path = received.path.rename(received.path.with_suffix("." + fmt))
+
+        def work() -> StoredResponse:
+            try:
+                ds = ingest_dataset(session, store, tenant.tenant_id, path, name, fmt, model_id)
+            except BaseException:
+                session.rollback()
+                raise
+            out = StoredResponse(201, DatasetOut.model_validate(ds).model_dump_json(),
+                                 {"Location": f"/v1/datasets/{ds.id}"})
+            resp, _ = commit_and_remember(session, tenant.tenant_id, idempotency_key, fp, out,
+                                          undo=lambda: discard(store, ds.storage_key))
+            return resp
+
+        try:
+            result = await run_in_threadpool(work)
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        received.path.unlink(missing_ok=True)
+    return Response(result.body, status_code=result.status_code, headers=result.headers,
+                    media_type="application/json")
+
+
+@router.get("", response_model=DatasetPage, responses=ERRORS)
+def list_datasets(tenant: TenantDep, session: SessionDep,
+                  limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                  cursor: str | None = None) -> DatasetPage:
+    try:
+        rows, nxt = repo.list_page(session, tenant.tenant_id, limit, cursor)
+    except CursorError as e:
+        raise ValidationFailed(str(e)) from e
+    return DatasetPage(items=[DatasetOut.model_validate(r) for r in rows], next_cursor=nxt)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=ERRORS)
+def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> DatasetOut:
+    row = repo.get(session, tenant.tenant_id, dataset_id)
+    if row is None:
+        raise NotFound(f"dataset {dataset_id} not found")
+    return DatasetOut.model_validate(row)

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.api.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from app.api.idempotency import commit_and_remember, replay
+from app.api.metrics import JOBS_SUBMITTED
+from app.api.v1.models import ERRORS, IdemHeader
+from app.db.repositories import artifacts as artifact_repo
+from app.db.repositories.pagination import CursorError
+from app.errors import Conflict, NotFound, RangeNotSatisfiable, ValidationFailed
+from app.schemas.jobs import ArtifactList, ArtifactOut, JobCreate, JobOut, JobPage, JobStatusName
+from app.services import idempotency as idem
+from app.services import jobs as service
+from app.services.idempotency import StoredResponse
+from app.services.queue import send_jobs
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=202, response_model=JobOut, responses=ERRORS)
+def create_job(request: Request, body: JobCreate, tenant: TenantDep, session: SessionDep,
+               settings: SettingsDep, celery: CeleryDep,
+               idempotency_key: IdemHeader = None) -> Response:
+    """Submit a compression job: `202` with `Location`; poll the job until it is finished."""
+    # Fingerprint the parsed body: whitespace or key order does not make a different request.
+    fp = idem.fingerprint("POST", request.url.path, request.url.query,
+                          body.model_dump_json().encode())
+    if idempotency_key and (stored := idem.find(session, tenant.tenant_id, idempotency_key,
+                                                fp)) is not None:
+        return replay(stored)
+    job = service.create_job(session, settings, tenant.tenant_id, body)
+    out = StoredResponse(202, service.to_out(job).model_dump_json(),
+                         {"Location": f"/v1/jobs/{job.id}"})
+    resp, committed = commit_and_remember(session, tenant.tenant_id, idempotency_key, fp, out)
+    if committed:
+        # Only after the commit: a rolled-back request must leave no message behind.
+        send_jobs(celery, [(job.id, job.queue)])
+        JOBS_SUBMITTED.labels(job.queue).inc()
+    return Response(resp.body, status_code=resp.status_code, headers=resp.headers,
+                    media_type="application/json")
+
+
+@router.get("", response_model=JobPage, responses=ERRORS)
+def list_jobs(tenant: TenantDep, session: SessionDep, status: JobStatusName | None = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              cursor: str | None = None) -> JobPage:
+    try:
+        rows, nxt = service.list_jobs(session, tenant.tenant_id, status, limit, cursor)
+    except CursorError as e:
+        raise ValidationFailed(str(e)) from e
+    return JobPage(items=[service.to_out(j) for j in rows], next_cursor=nxt)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
+def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
+    return service.to_out(service.get_job(session, tenant.tenant_id, job_id))
+
+
+@router.post("/{job_id}:cancel", response_model=JobOut, responses=ERRORS)
+def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
+    """Queued: cancelled at once. Running: stops at its next progress point."""
+    job = service.cancel_job(session, tenant.tenant_id, job_id)
+    out = service.to_out(job)
+    session.commit()
+    return out
+
+
+@router.get("/{job_id}/report", responses=ERRORS)
+def get_report(job_id: str, tenant: TenantDep, session: SessionDep) -> JSONResponse:
+    job = service.get_job(session, tenant.tenant_id, job_id)
+    if job.report is None:
+        raise Conflict(f"job {job_id} has no report yet (status {job.status})")
+    return JSONResponse(job.report)
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ERRORS)
+def list_artifacts(job_id: str, tenant: TenantDep, session: SessionDep) -> ArtifactList:
+    job = service.get_job(session, tenant.tenant_id, job_id)
+    rows = artifact_repo.list_for_job(session, job.id)
+    return ArtifactList(items=[ArtifactOut.model_validate(a) for a in rows])
+
+
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """One ``bytes=`` range -> [start, end) or None to send everything (RFC 9110 §14.2:
+    a syntactically invalid or multi-range header may be ignored)."""
+    m = _RANGE.match(header)
+    if m is None:
+        return None
+    first, last = m.group(1), m.group(2)
+    if first == "" and last == "":
+        return None
+    if first == "":  # suffix range: the last N bytes
+        n = int(last)
+        if n == 0:
+            raise RangeNotSatisfiable("empty suffix range", headers={
+                "Content-Range": f"bytes */{size}"})
+        return max(size - n, 0), size
+    start = int(first)
+    end = size if last == "" else min(int(last) + 1, size)
+    if start >= size or (last != "" and int(last) < start):
+        raise RangeNotSatisfiable(f"range {header!r} outside 0..{size - 1}",
+                                  headers={"Content-Range": f"bytes */{size}"})
+    return start, end
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
+
+
+DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERRORS, 200: {"content": {"application/octet-stream": {}}},
+    206: {"description": "Partial content (Range)"}, 304: {"description": "Not modified"},
+    416: {"description": "Range not satisfiable"}}
+
+
+@router.get("/{job_id}/artifacts/{name}", responses=DOWNLOAD_RESPONSES)
+def download_artifact(job_id: str, name: str, request: Request, tenant: TenantDep,
+                      session: SessionDep, store: StoreDep) -> Any:
+    """Stream an artifact. Strong `ETag` = `"<sha256>"`; `Range` and `If-None-Match` work."""
+    job = service.get_job(session, tenant.tenant_id, job_id)
+    art = artifact_repo.get(session, job.id, name)
+    if art is None:
+        raise NotFound(f"job {job_id} has no artifact {name!r}")
+    etag = f'"{art.sha256}"'
+    headers = {"ETag": etag, "Accept-Ranges": "bytes",
+               "Content-Disposition": f'attachment; filename="{name}"',
+               "Cache-Control": "private, max-age=0, must-revalidate"}
+    inm = request.headers.get("if-none-match")
+    if inm and _etag_matches(inm, etag):
+        return Response(status_code=304, headers=headers)
+    size = art.size_bytes
+    rng = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    if rng and (if_range is None or if_range.strip() == etag):
+        span = parse_range(rng, size)
+        if span is not None:
+            start, end = span
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+            headers["Content-Length"] = str(end - start)
+            return StreamingResponse(store.open(art.storage_key, start, end), status_code=206,
+                                     media_type=art.content_type, headers=headers)
+    headers["Content-Length"] = str(size)
+    return StreamingResponse(store.open(art.storage_key), media_type=art.content_type,
+                             headers=headers)

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from app.api.idempotency import commit_and_remember, replay
+from app.api.metrics import UPLOAD_BYTES
+from app.api.uploads import filename_from, receive_to_file
+from app.db.repositories import models as repo
+from app.db.repositories.pagination import CursorError
+from app.errors import NotFound, ValidationFailed
+from app.schemas.common import Problem
+from app.schemas.models import ModelOut, ModelPage
+from app.services import idempotency as idem
+from app.services.idempotency import StoredResponse
+from app.services.uploads import clean_filename, discard, ingest_model, model_format
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": Problem, "content": {"application/problem+json": {}}}
+    for s in (401, 404, 409, 413, 422)}
+
+
+@router.post("", status_code=201, response_model=ModelOut, responses=ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/octet-stream": {"schema": {"type": "string",
+                                                         "format": "binary"}}}}})
+async def upload_model(request: Request, tenant: TenantDep, session: SessionDep,
+                       store: StoreDep, settings: SettingsDep,
+                       filename: Annotated[str | None, Query(max_length=255)] = None,
+                       idempotency_key: IdemHeader = None) -> Response:
+    """Upload a `.pt2` (torch.export.save) or `.onnx` file as the raw request body."""
+    fp = idem.fingerprint("POST", request.url.path, request.url.query)
+    if idempotency_key:
+        stored = await run_in_threadpool(idem.find, session, tenant.tenant_id, idempotency_key,
+                                         fp)
+        if stored is not None:
+            return replay(stored)
+    name = clean_filename(filename_from(request, filename))
+    received = await receive_to_file(request, settings.max_model_bytes, settings.tmp_dir)
+    UPLOAD_BYTES.labels("model").inc(received.size)
+    try:
+        fmt = model_format(name, received.head)
+        path = received.path.rename(received.path.with_suffix("." + fmt))
+
+        def work() -> StoredResponse:
+            try:
+                model = ingest_model(session, store, settings, tenant.tenant_id, path, name,
+                                     fmt)
+            except BaseException:
+                session.rollback()
+                raise
+            out = StoredResponse(201, ModelOut.model_validate(model).model_dump_json(),
+                                 {"Location": f"/v1/models/{model.id}"})
+            resp, _ = commit_and_remember(session, tenant.tenant_id, idempotency_key, fp, out,
+                                          undo=lambda: discard(store, model.storage_key))
+            return resp
+
+        try:
+            result = await run_in_threadpool(work)
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        received.path.unlink(missing_ok=True)
+    return Response(result.body, status_code=result.status_code, headers=result.headers,
+                    media_type="application/json")
+
+
+@router.get("", response_model=ModelPage, responses=ERRORS)
+def list_models(tenant: TenantDep, session: SessionDep,
+                limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                cursor: str | None = None) -> ModelPage:
+    try:
+        rows, nxt = repo.list_page(session, tenant.tenant_id, limit, cursor)
+    except CursorError as e:
+        raise ValidationFailed(str(e)) from e
+    return ModelPage(items=[ModelOut.model_validate(r) for r in rows], next_cursor=nxt)
+
+
+@router.get("/{model_id}", response_model=ModelOut, responses=ERRORS)
+def get_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelOut:
+    row = repo.get(session, tenant.tenant_id, model_id)
+    if row is None:
+        raise NotFound(f"model {model_id} not found")
+    return ModelOut.model_validate(row)

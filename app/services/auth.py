@@ -1,0 +1,43 @@
+"""API keys: generated once, stored as sha256, checked on every request."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.db.repositories import tenants as repo
+from app.errors import Unauthorized
+
+KEY_PREFIX = "mp_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant_id: str
+    key_id: str
+
+
+def hash_key(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def generate_key() -> tuple[str, str, str]:
+    """(plaintext, display prefix, sha256). 32 random bytes: hashing needs no salt/KDF."""
+    raw = KEY_PREFIX + secrets.token_urlsafe(32)
+    return raw, raw[: len(KEY_PREFIX) + 6], hash_key(raw)
+
+
+def authenticate(session: Session, raw: str) -> Principal:
+    key = repo.get_api_key_by_hash(session, hash_key(raw))
+    if key is None:
+        raise Unauthorized("unknown API key")
+    now = utcnow()
+    if key.revoked_at is not None and key.revoked_at <= now:
+        raise Unauthorized("API key revoked")
+    if key.expires_at is not None and key.expires_at <= now:
+        raise Unauthorized("API key expired")
+    return Principal(tenant_id=key.tenant_id, key_id=key.id)

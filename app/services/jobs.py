@@ -1,0 +1,101 @@
+"""Job use cases: submit, read, list, cancel."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db.base import utcnow
+from app.db.models import Dataset, Job, JobStatus, Model
+from app.db.repositories import datasets as dataset_repo
+from app.db.repositories import jobs as repo
+from app.db.repositories import models as model_repo
+from app.engine.errors import InputMismatch
+from app.errors import Conflict, NotFound
+from app.schemas.jobs import JobCreate, JobError, JobOut
+
+QUEUE_FOR_DEVICE = {"cpu": "cpu", "cuda": "gpu"}
+
+
+def _check_inputs(model: Model, dataset: Dataset, which: str) -> None:
+    """A data set recorded against another model must still match this model's inputs."""
+    if dataset.model_id == model.id:
+        return
+    want = {s["name"]: s for s in model.inputs}
+    have = {s["name"]: s for s in dataset.inputs}
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise InputMismatch(f"{which} lacks model input {missing[0]!r}",
+                            details={"input": missing[0]})
+    for name, spec in want.items():
+        got = have[name]
+        if got["dtype"] != spec["dtype"] or len(got["shape"]) != len(spec["shape"]) or any(
+                w is not None and g is not None and w != g
+                for w, g in list(zip(spec["shape"], got["shape"], strict=True))[1:]):
+            raise InputMismatch(
+                f"{which} input {name!r}: expected {spec['dtype']}{spec['shape']}, "
+                f"found {got['dtype']}{got['shape']}", details={"input": name})
+
+
+def create_job(session: Session, settings: Settings, tenant_id: str, body: JobCreate) -> Job:
+    model = model_repo.get(session, tenant_id, body.model_id)
+    if model is None:
+        raise NotFound(f"model {body.model_id} not found")
+    dataset = dataset_repo.get(session, tenant_id, body.dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {body.dataset_id} not found")
+    _check_inputs(model, dataset, "dataset")
+    if body.eval_dataset_id is not None:
+        ev = dataset_repo.get(session, tenant_id, body.eval_dataset_id)
+        if ev is None:
+            raise NotFound(f"dataset {body.eval_dataset_id} not found")
+        _check_inputs(model, ev, "eval dataset")
+    queue = QUEUE_FOR_DEVICE.get(body.device, settings.auto_queue)
+    return repo.add(session, Job(
+        tenant_id=tenant_id, model_id=model.id, dataset_id=dataset.id,
+        eval_dataset_id=body.eval_dataset_id, status=JobStatus.queued.value,
+        constraints=body.constraints.model_dump(),
+        recipe=None if body.recipe is None else body.recipe.model_dump(),
+        device=body.device, queue=queue, seed=body.seed, max_attempts=settings.max_attempts,
+        progress=0.0, attempt=0, cancel_requested=False,
+        # Set before the commit: if the send after it fails, the reconciler re-sends later.
+        enqueued_at=utcnow()))
+
+
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = repo.get(session, tenant_id, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def list_jobs(session: Session, tenant_id: str, status: str | None, limit: int,
+              cursor: str | None) -> tuple[Sequence[Job], str | None]:
+    return repo.list_page(session, tenant_id, status, limit, cursor)
+
+
+def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    """queued -> cancelled now; running -> cancel_requested (stops at the next progress point)."""
+    job = get_job(session, tenant_id, job_id)
+    if not (repo.cancel_if_queued(session, job.id) or repo.request_cancel(session, job.id)):
+        session.refresh(job)
+        if job.status == JobStatus.cancelled.value:
+            return job
+        raise Conflict(f"job {job_id} is already {job.status}")
+    session.refresh(job)
+    return job
+
+
+def to_out(job: Job) -> JobOut:
+    return JobOut(
+        id=job.id, status=job.status, stage=job.stage, progress=job.progress,  # type: ignore[arg-type]
+        message=job.message, attempt=job.attempt, max_attempts=job.max_attempts,
+        model_id=job.model_id, dataset_id=job.dataset_id, eval_dataset_id=job.eval_dataset_id,
+        device=job.device, queue=job.queue, constraints=job.constraints, recipe=job.recipe,
+        metrics=job.metrics,
+        error=None if job.error_code is None else JobError(code=job.error_code,
+                                                           detail=job.error_detail),
+        cancel_requested=job.cancel_requested, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at)

@@ -1,0 +1,47 @@
+"""Reaper and reconciler: keep the job table and the broker consistent after crashes.
+
+Both return the (job id, queue) pairs to (re-)send; the caller commits first, then sends.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db.base import utcnow
+from app.db.models import JobStatus
+from app.db.repositories import jobs as repo
+
+
+def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[str, str]]:
+    """Running jobs whose lease expired (the worker stopped beating): requeue while attempts
+    remain, else fail with ``worker_lost``; a job whose cancel was requested becomes cancelled."""
+    now = now or utcnow()
+    to_send: list[tuple[str, str]] = []
+    for job in repo.expired_running(session, now):
+        if job.cancel_requested:
+            repo.fail_expired(session, job.id, now, JobStatus.cancelled.value, "cancelled",
+                              "cancelled; the worker stopped before acknowledging it")
+        elif job.attempt < job.max_attempts:
+            if repo.requeue_expired(session, job.id, now):
+                repo.mark_enqueued(session, job.id, now)
+                to_send.append((job.id, job.queue))
+        else:
+            repo.fail_expired(
+                session, job.id, now, JobStatus.failed.value, "worker_lost",
+                f"worker {job.lease_owner} stopped sending heartbeats (last at "
+                f"{job.heartbeat_at}); {job.attempt} of {job.max_attempts} attempts used")
+    return to_send
+
+
+def reconcile_queued(session: Session, settings: Settings,
+                     now: datetime | None = None) -> list[tuple[str, str]]:
+    """Queued jobs whose message is older than ``requeue_after_s``: re-send (claims are
+    idempotent, so a duplicate message costs one no-op task)."""
+    now = now or utcnow()
+    stale = repo.stale_queued(session, now - timedelta(seconds=settings.requeue_after_s))
+    for job in stale:
+        repo.mark_enqueued(session, job.id, now)
+    return [(j.id, j.queue) for j in stale]

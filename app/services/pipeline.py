@@ -1,0 +1,272 @@
+"""Run one job in a worker: claim the lease, fetch inputs, run the engine, store the outcome.
+
+Every database write here is its own short transaction (the worker may run for an hour; no
+transaction stays open across engine work). Bytes are stored before the rows that point at them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings, get_settings
+from app.db.models import Artifact, JobMetric, JobStatus
+from app.db.repositories import artifacts as artifact_repo
+from app.db.repositories import datasets as dataset_repo
+from app.db.repositories import job_metrics as metric_repo
+from app.db.repositories import jobs as job_repo
+from app.db.repositories import models as model_repo
+from app.db.session import session_factory
+from app.engine.errors import Cancelled, EngineError
+from app.engine.types import STAGES, Constraints, JobSpec, Recipe, Result
+from app.storage import ArtifactStore, file_chunks, get_store
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPES = {
+    ".onnx": "application/octet-stream",
+    ".pt2": "application/zip",
+    ".json": "application/json",
+    ".data": "application/octet-stream",
+}
+
+
+class LeaseLost(Cancelled):
+    """Our lease was taken over (the reaper decided this worker was dead): stop quietly."""
+
+    code = "lease_lost"
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    job_id: str
+    attempt: int
+    spec: JobSpec
+    model_key: str
+    model_suffix: str
+    data_key: str
+    data_suffix: str
+    eval_key: str | None
+    eval_suffix: str | None
+
+
+class _Lease:
+    """Heartbeat thread + progress writer sharing the cancel/lost flags of one claimed job."""
+
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings, job_id: str,
+                 worker_id: str) -> None:
+        self.sessions, self.settings = sessions, settings
+        self.job_id, self.worker_id = job_id, worker_id
+        self.cancel_requested = False
+        self.lost = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._last_write = 0.0  # monotonic seconds
+        self._stage: str | None = None
+        self._overall = 0.0
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}",
+                                        daemon=True)
+
+    def __enter__(self) -> _Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _write(self, **fields: Any) -> None:
+        with self._lock, self.sessions() as s:
+            res = job_repo.heartbeat(s, self.job_id, self.worker_id, self.settings.job_lease_s,
+                                     **fields)
+            s.commit()
+        if res is None:
+            self.lost = True
+        else:
+            self.cancel_requested = res
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                self._write()
+            except Exception:  # a DB blip must not kill the run; the next beat retries
+                log.warning("heartbeat failed for job %s", self.job_id, exc_info=True)
+
+    def check(self) -> None:
+        if self.lost:
+            raise LeaseLost("lease lost: another worker owns this job now")
+        if self.cancel_requested:
+            raise Cancelled("cancelled by request")
+
+    def on_progress(self, stage: str, fraction: float, message: str) -> None:
+        """The engine's ProgressFn: throttled writes, always on a stage change; may raise."""
+        now = time.monotonic()
+        if stage in STAGES:
+            overall = (STAGES.index(stage) + min(max(fraction, 0.0), 1.0)) / len(STAGES)
+            self._overall = max(self._overall, min(overall, 0.99))
+        changed = stage != self._stage
+        if changed or now - self._last_write >= self.settings.progress_write_interval_s:
+            self._stage = stage
+            self._last_write = now
+            self._write(stage=stage[:32], progress=round(self._overall, 4),
+                        message=message[:2000] if message else None)
+        self.check()
+
+
+def _download(store: ArtifactStore, key: str, path: Path) -> Path:
+    with path.open("wb") as f:
+        for chunk in store.open(key):
+            f.write(chunk)
+    return path
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _load_inputs(s: Session, job_id: str, attempt: int) -> _Inputs:
+    job = job_repo.get_any(s, job_id)
+    assert job is not None
+    model = model_repo.get_any(s, job.model_id)
+    data = dataset_repo.get_any(s, job.dataset_id)
+    ev = dataset_repo.get_any(s, job.eval_dataset_id) if job.eval_dataset_id else None
+    if model is None or data is None or (job.eval_dataset_id and ev is None):
+        raise EngineError("the job's model or data set no longer exists")
+    spec = JobSpec(constraints=Constraints.from_dict(job.constraints),
+                   recipe=None if job.recipe is None else Recipe.from_dict(job.recipe),
+                   device=job.device,  # type: ignore[arg-type]
+                   seed=job.seed)
+    return _Inputs(job_id=job.id, attempt=attempt, spec=spec, model_key=model.storage_key,
+                   model_suffix="." + model.format, data_key=data.storage_key,
+                   data_suffix="." + data.format,
+                   eval_key=None if ev is None else ev.storage_key,
+                   eval_suffix=None if ev is None else "." + ev.format)
+
+
+def _candidate_summary(c: Any) -> dict[str, Any]:
+    m = c.metrics
+    return {"recipe": c.recipe.to_dict(), "feasible": c.feasible, "distilled": c.distilled,
+            "quality": m.quality, "latency_p50_ms": m.latency_p50_ms,
+            "size_bytes": m.size_bytes, "reasons": list(c.reasons)}
+
+
+def _store_outcome(sessions: sessionmaker[Session], store: ArtifactStore, inp: _Inputs,
+                   result: Result, out_dir: Path, worker_id: str) -> bool:
+    files = dict(result.artifacts)
+    if "report.json" not in files:
+        p = out_dir / "report.json"
+        p.write_text(json.dumps(_json_safe(result.report), indent=2))
+        files["report.json"] = p
+    for name, path in sorted(files.items()):
+        key = f"jobs/{inp.job_id}/attempt-{inp.attempt}/{name}"
+        size, sha = store.put_stream(key, file_chunks(Path(path)))  # bytes first ...
+        with sessions() as s:  # ... then the row that points at them
+            artifact_repo.add(s, Artifact(
+                job_id=inp.job_id, name=name, sha256=sha, size_bytes=size, storage_key=key,
+                content_type=CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream")))
+            s.commit()
+    rows = [JobMetric(job_id=inp.job_id, kind="baseline", metrics=result.baseline.to_dict())]
+    rows += [JobMetric(job_id=inp.job_id, kind="candidate", position=i,
+                       recipe=c.recipe.to_dict(), metrics=_json_safe(c.metrics.to_dict()),
+                       feasible=c.feasible, distilled=c.distilled, reasons=list(c.reasons))
+             for i, c in enumerate(result.candidates)]
+    rows.append(JobMetric(job_id=inp.job_id, kind="best", recipe=result.best.recipe.to_dict(),
+                          metrics=_json_safe(result.best.metrics.to_dict()),
+                          feasible=result.best.feasible, distilled=result.best.distilled,
+                          reasons=list(result.best.reasons)))
+    metrics = _json_safe({
+        "baseline": result.baseline.to_dict(),
+        "best": {**result.best.metrics.to_dict(), "recipe": result.best.recipe.to_dict(),
+                 "feasible": result.best.feasible, "reasons": list(result.best.reasons)},
+        "candidates": [_candidate_summary(c) for c in result.candidates],
+    })
+    ok = result.status == "succeeded"
+    with sessions() as s:
+        metric_repo.replace_for_job(s, inp.job_id, rows)
+        done = job_repo.finish(
+            s, inp.job_id, worker_id,
+            JobStatus.succeeded.value if ok else JobStatus.failed.value,
+            stage="done", progress=1.0, metrics=metrics, report=_json_safe(result.report),
+            message=result.message or None,
+            error_code=None if ok else "constraints_unsatisfiable",
+            error_detail=None if ok else (result.message or "no candidate met the constraints"))
+        if done:
+            s.commit()
+        else:
+            s.rollback()
+    return done
+
+
+def _finish_error(sessions: sessionmaker[Session], job_id: str, worker_id: str, status: str,
+                  code: str, detail: str) -> None:
+    with sessions() as s:
+        job_repo.finish(s, job_id, worker_id, status, error_code=code, error_detail=detail[:4000])
+        s.commit()
+
+
+def run_job(job_id: str, worker_id: str, *, settings: Settings | None = None,
+            timeout_exceptions: tuple[type[BaseException], ...] = (),
+            engine_run: Callable[..., Result] | None = None) -> None:
+    """Claim ``job_id`` and run it to a terminal state. Idempotent: a duplicate delivery of
+    the message finds the lease held (or the job finished) and returns without acting."""
+    settings = settings or get_settings()
+    sessions = session_factory(settings)
+    store = get_store(settings)
+    with sessions() as s:
+        job = job_repo.claim(s, job_id, worker_id, settings.job_lease_s)
+        if job is None:
+            s.rollback()
+            log.info("job %s not claimable (finished, cancelled or leased elsewhere)", job_id)
+            return
+        attempt = job.attempt
+        s.commit()
+        try:
+            inp = _load_inputs(s, job_id, attempt)
+        except EngineError as e:
+            _finish_error(sessions, job_id, worker_id, JobStatus.failed.value, e.code, str(e))
+            return
+    if engine_run is None:
+        from app.engine.pipeline import run  # torch: imported only in the pool child
+
+        engine_run = run
+
+    lease = _Lease(sessions, settings, job_id, worker_id)
+    with lease, tempfile.TemporaryDirectory(prefix=f"modelpress-{job_id}-",
+                                            dir=settings.tmp_dir) as tmp:
+        root = Path(tmp)
+        try:
+            lease.on_progress("load", 0.0, "fetching model and data")
+            model_path = _download(store, inp.model_key, root / f"model{inp.model_suffix}")
+            data_path = _download(store, inp.data_key, root / f"data{inp.data_suffix}")
+            eval_path = None
+            if inp.eval_key is not None:
+                eval_path = _download(store, inp.eval_key, root / f"eval{inp.eval_suffix}")
+            out_dir = root / "out"
+            out_dir.mkdir()
+            result = engine_run(model_path, data_path, inp.spec, out_dir, lease.on_progress,
+                                eval_data_path=eval_path)
+            lease.check()
+            _store_outcome(sessions, store, inp, result, out_dir, worker_id)
+        except LeaseLost:
+            log.warning("job %s: lease lost, leaving it to its new owner", job_id)
+        except Cancelled as e:
+            _finish_error(sessions, job_id, worker_id, JobStatus.cancelled.value, "cancelled",
+                          str(e))
+        except EngineError as e:
+            _finish_error(sessions, job_id, worker_id, JobStatus.failed.value, e.code, str(e))
+        except timeout_exceptions as e:
+            _finish_error(sessions, job_id, worker_id, JobStatus.failed.value, "timeout",
+                          f"soft time limit reached ({settings.job_soft_time_limit_s} s): {e}")
+        except Exception as e:
+            log.exception("job %s failed", job_id)
+            _finish_error(sessions, job_id, worker_id, JobStatus.failed.value, "internal_error",
+                          f"{type(e).__name__}: {e}")
