@@ -35,7 +35,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from app.engine.planner.constraints import check, cost_reasons, violation
-from app.engine.types import Candidate, Constraints, Metrics, Objective, ProgressFn, QuantScheme, Recipe
+from app.engine.types import (
+    Candidate,
+    Constraints,
+    Metrics,
+    Objective,
+    ProgressFn,
+    QuantScheme,
+    Recipe,
+)
 
 LATENCY_BUCKET = 0.10  # relative width of the latency buckets used for ranking
 
@@ -185,6 +193,10 @@ def search(
     built: list[Any] = []
     skipped: list[dict[str, str]] = []
     for k, recipe in enumerate(grid):
+        if built and clock() > deadline:
+            skipped.extend({"recipe": str(r.to_dict()), "error": "not built: time budget"}
+                           for r in grid[k:])
+            break
         progress("prune", k / len(grid), f"candidate {k + 1}/{len(grid)}: prune "
                  f"{recipe.prune_ratio:.0%}, quant {recipe.quant}")
         try:

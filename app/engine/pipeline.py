@@ -1,0 +1,482 @@
+"""``run``: .pt2 + data + constraints in, a compressed model that meets them (or the closest) out.
+
+Stages: load -> baseline -> (prune -> quantize -> evaluate)* -> distill* -> export. The planner
+(``planner.search``) decides which candidates to build; :class:`StageEvaluator` is the bridge
+from the planner to the stage functions of E1 (formats, evaluate), E2 (graph, prune) and E3
+(quantize, export, distill).
+
+Latency figures. Every measurement interleaves the measured sessions with the fp32 baseline
+session (spinning off, DESIGN §6) and reports each candidate's p50 as
+``baseline_p50 * (candidate / baseline measured in the same run)``: the ratio is what is
+measured side by side, the absolute scale is the baseline's first measurement. So load from
+other processes between two measurement runs does not move one candidate against another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from app.engine.errors import InvalidRecipe, TimeBudgetExceeded
+from app.engine.planner.search import Outcome, SearchSpace, default_space, run_recipe, search
+from app.engine.types import (
+    Candidate,
+    Constraints,
+    JobSpec,
+    Metrics,
+    ProgressFn,
+    Recipe,
+    Result,
+    TensorSpec,
+)
+
+HOLDOUT_FRACTION = 0.2  # of the data, when no separate evaluation data is given
+VAL_FRACTION = 0.15  # of the training part, for distillation's early stopping
+CALIB_SAMPLES = 256  # calibration samples for static int8
+CALIB_BATCH = 32
+EXPORT_RESERVE_S = 10.0  # seconds of the budget kept for the final export and report
+# int8 depthwise convs run slower than fp32 in ONNX Runtime on this CPU (DESIGN §6), so
+# int8_static keeps them (and their fused bn/act) in fp32 when the model has any.
+SKIP_DEPTHWISE = True
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _input_specs(ep: torch.export.ExportedProgram) -> tuple[TensorSpec, ...]:
+    """User inputs of an exported program: name, shape (dim 0 dynamic), numpy dtype name."""
+    user = set(ep.graph_signature.user_inputs)
+    specs: list[TensorSpec] = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        val = node.meta.get("val")
+        if val is None or not hasattr(val, "shape"):
+            continue
+        shape: list[int | None] = []
+        for k, d in enumerate(val.shape):
+            shape.append(None if k == 0 or not isinstance(d, int) else int(d))
+        dtype = str(val.dtype).removeprefix("torch.")
+        specs.append(TensorSpec(node.name, tuple(shape), dtype))
+    return tuple(specs)
+
+
+def _has_depthwise(model: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+        for m in model.modules()
+    )
+
+
+def _linear_heavy(model: nn.Module) -> bool:
+    """More Linear than Conv weight parameters: a transformer / MLP, where dynamic int8 fits."""
+    lin = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d))
+    return lin > conv
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """Deterministic torch kernels for the run, restoring the caller's setting afterwards."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def _device(spec: JobSpec) -> torch.device:
+    if spec.device == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidRecipe("device 'cuda' was requested but CUDA is not available here")
+        return torch.device("cuda")
+    if spec.device == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    from app.engine.stages.export import sha256_file
+
+    return {"file": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
+
+
+class _Clock:
+    """Hard deadline, checked at every progress point."""
+
+    def __init__(self, budget_s: float, on_progress: ProgressFn | None) -> None:
+        self.start = time.monotonic()
+        self.budget_s = budget_s
+        self.deadline = self.start + budget_s
+        self._cb = on_progress
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def progress(self, stage: str, fraction: float, message: str) -> None:
+        # The callback first: a cancel is reported as cancel even when the clock also ran out.
+        if self._cb is not None:
+            self._cb(stage, float(min(max(fraction, 0.0), 1.0)), message)
+        if time.monotonic() > self.deadline:
+            raise TimeBudgetExceeded(
+                f"time budget of {self.budget_s:g} s exceeded during {stage!r}"
+                f" (after {self.elapsed():.0f} s)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# the bridge from the planner to the stages
+
+
+@dataclass
+class Built:
+    recipe: Recipe
+    pruned: nn.Module  # fp32 pruned model: the distillation student's starting point
+    model: nn.Module  # the torch model the ONNX file came from (converted int8, or fp32)
+    onnx_path: Path
+
+
+class StageEvaluator:
+    """Implements ``planner.search.Evaluator`` with the real stage functions."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        train: Any,
+        val: Any,
+        holdout: Any,
+        constraints: Constraints,
+        workdir: Path,
+        *,
+        device: torch.device,
+        clock: _Clock,
+    ) -> None:
+        from app.engine.stages.evaluate import make_session, run_onnx
+
+        from app.engine.stages.export import export_onnx
+
+        self.teacher = teacher
+        self.example_inputs = example_inputs
+        self.train, self.val, self.holdout = train, val, holdout
+        self.constraints = constraints
+        self.workdir = workdir
+        self.device = device
+        self.clock = clock
+        self.skip_depthwise = SKIP_DEPTHWISE and _has_depthwise(teacher)
+        self._n = 0
+        clock.progress("baseline", 0.0, "exporting the fp32 baseline to ONNX")
+        self.baseline_onnx = export_onnx(teacher, example_inputs, workdir / "baseline.onnx")
+        self._base_sess = make_session(self.baseline_onnx, threads=constraints.threads)
+        # Reference outputs for fidelity (no labels) and agreement: the fp32 ONNX model.
+        self.reference = run_onnx(self._base_sess, holdout, batch_size=64)
+        self.baseline: Metrics = self._metrics(self.baseline_onnx, self._base_sess, None)
+        clock.progress(
+            "baseline", 1.0,
+            f"baseline: {self.baseline.quality_kind} {self.baseline.quality:.4f}, "
+            f"{self.baseline.size_bytes / 1e6:.3f} MB, p50 {self.baseline.latency_p50_ms:.3f} ms",
+        )
+
+    # -- measurement ---------------------------------------------------------------------------
+
+    def _feed(self) -> dict[str, np.ndarray]:
+        bs = self.constraints.batch_size
+        idx = np.arange(bs) % self.holdout.samples
+        return {k: np.ascontiguousarray(v[idx]) for k, v in self.holdout.inputs.items()}
+
+    def _metrics(self, onnx_path: Path, sess: Any, latency: tuple[float, float] | None) -> Metrics:
+        from app.engine.stages.evaluate import (
+            count_macs,
+            count_params,
+            latency_ms,
+            quality,
+            run_onnx,
+        )
+
+        if latency is None:  # the baseline: alone, once, more rounds
+            latency = latency_ms([sess], self._feed(), rounds=9)[0]
+        outputs = run_onnx(sess, self.holdout, batch_size=64)
+        q, kind, per_class, agreement = quality(outputs, self.reference, self.holdout.labels)
+        shapes = {k: (1, *v.shape[1:]) for k, v in self.holdout.inputs.items()}
+        return Metrics(
+            quality=float(q), quality_kind=kind, latency_p50_ms=float(latency[0]),
+            latency_p95_ms=float(latency[1]), size_bytes=onnx_path.stat().st_size,
+            parameters=int(count_params(onnx_path)), macs=int(count_macs(onnx_path, shapes)),
+            per_class_accuracy=per_class, agreement=agreement,
+        )
+
+    def measure(self, built: Sequence[Built]) -> list[Metrics]:  # type: ignore[override]
+        from app.engine.stages.evaluate import latency_ms, make_session
+
+        threads = self.constraints.threads
+        sessions = [make_session(b.onnx_path, threads=threads) for b in built]
+        self.clock.progress("evaluate", 0.1, f"timing {len(sessions)} candidate(s) side by side "
+                            f"with the baseline (batch {self.constraints.batch_size}, {threads} threads)")
+        lat = latency_ms([self._base_sess, *sessions], self._feed())
+        base_p50 = lat[0][0]
+        out: list[Metrics] = []
+        for k, (b, s) in enumerate(zip(built, sessions, strict=True)):
+            scale = self.baseline.latency_p50_ms / base_p50 if base_p50 > 0 else 1.0
+            p50, p95 = lat[k + 1]
+            out.append(self._metrics(b.onnx_path, s, (p50 * scale, p95 * scale)))
+            self.clock.progress("evaluate", 0.1 + 0.9 * (k + 1) / len(built),
+                                f"measured candidate {k + 1}/{len(built)}")
+        return out
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _path(self, recipe: Recipe, tag: str) -> Path:
+        self._n += 1
+        return self.workdir / (f"cand{self._n:03d}_p{int(round(recipe.prune_ratio * 100)):02d}"
+                               f"_{recipe.quant}_{tag}.onnx")
+
+    def _calib(self) -> list[tuple[torch.Tensor, ...]]:
+        data = self.train.take(min(CALIB_SAMPLES, self.train.samples))
+        return [x for x, _ in data.batches(CALIB_BATCH)]
+
+    def _export(self, recipe: Recipe, fp32: nn.Module, tag: str,
+                converted: nn.Module | None = None) -> Built:
+        """ONNX of a candidate: ``converted`` (PT2E int8) as is, else fp32 + ONNX-level scheme."""
+        from app.engine.stages.export import export_onnx
+        from app.engine.stages.quantize import quantize_onnx_dynamic, quantize_onnx_fp16
+
+        path = self._path(recipe, tag)
+        ex = self.example_inputs
+        if converted is not None:
+            export_onnx(converted, ex, path)
+            return Built(recipe, fp32, converted, path)
+        if recipe.quant == "none":
+            export_onnx(fp32, ex, path)
+        else:
+            fp32_path = path.with_name(path.stem + "_fp32.onnx")
+            export_onnx(fp32, ex, fp32_path)
+            if recipe.quant == "int8_dynamic":
+                quantize_onnx_dynamic(fp32_path, path)
+            elif recipe.quant == "fp16":
+                quantize_onnx_fp16(fp32_path, path)
+            else:
+                raise InvalidRecipe(f"unknown quantization scheme {recipe.quant!r}")
+        return Built(recipe, fp32, fp32, path)
+
+    def _prune(self, recipe: Recipe) -> nn.Module:
+        from app.engine.stages.prune import PruneConfig, prune
+
+        if recipe.prune_ratio <= 0:
+            return copy.deepcopy(self.teacher)
+        grad_batches = None
+        if recipe.importance == "taylor":
+            grad_batches = []
+            with torch.no_grad():
+                for x, _ in self.train.take(min(256, self.train.samples)).batches(64):
+                    grad_batches.append((x, self.teacher(*x)))
+        cfg = PruneConfig(ratio=recipe.prune_ratio, mode=recipe.prune_mode,
+                          importance=recipe.importance, round_to=recipe.round_to)
+        return prune(self.teacher, self.example_inputs, cfg, grad_batches=grad_batches)
+
+    def build(self, recipe: Recipe) -> Built:  # type: ignore[override]
+        from app.engine.stages.quantize import quantize_static
+
+        if not 0.0 <= recipe.prune_ratio <= 0.95:
+            raise InvalidRecipe(f"prune_ratio must be in [0, 0.95], got {recipe.prune_ratio}")
+        _seed_all(recipe.seed)  # each candidate independent of the order it is built in
+        pruned = self._prune(recipe)
+        pruned.eval()
+        if recipe.quant == "int8_static":
+            q = quantize_static(pruned, self.example_inputs, self._calib(),
+                                skip_depthwise=self.skip_depthwise)
+            return self._export(recipe, pruned, "ptq", q)
+        return self._export(recipe, pruned, "ptq")
+
+    def distill(self, built: Built, epochs: int, time_budget_s: float) -> Built:  # type: ignore[override]
+        from app.engine.stages.distill import DistillConfig, distill
+
+        from app.engine.stages.quantize import convert, prepare_qat
+
+        recipe = built.recipe
+        _seed_all(recipe.seed)
+        student: nn.Module
+        if recipe.quant == "int8_static":
+            student = prepare_qat(copy.deepcopy(built.pruned), self.example_inputs,
+                                  skip_depthwise=self.skip_depthwise)
+        else:
+            student = copy.deepcopy(built.pruned)
+        cfg = DistillConfig(epochs=epochs, temperature=recipe.temperature, alpha=recipe.alpha,
+                            lr=recipe.lr, time_budget_s=time_budget_s)
+        teacher = copy.deepcopy(self.teacher).to(self.device).eval()
+        rep = distill(student.to(self.device), teacher, self.train, self.val, cfg,
+                      device=self.device, on_progress=self.clock.progress)
+        trained = rep.student.to("cpu")
+        new_recipe = replace(recipe, distill_epochs=int(rep.epochs_run))
+        if recipe.quant == "int8_static":
+            assert isinstance(trained, torch.fx.GraphModule)
+            return self._export(new_recipe, trained, "qat", convert(trained))
+        trained.eval()
+        return self._export(new_recipe, trained, "kd")
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def run(
+    model_path: Path,
+    data_path: Path,
+    spec: JobSpec,
+    out_dir: Path,
+    on_progress: ProgressFn | None = None,
+    *,
+    eval_data_path: Path | None = None,
+    space: SearchSpace | None = None,
+) -> Result:
+    """Compress ``model_path`` (.pt2) under ``spec`` using ``data_path``; write artifacts.
+
+    Raises ``EngineError`` subclasses: bad model / data (InvalidModel, UnsafeModel, InvalidData,
+    InputMismatch), InvalidRecipe, Cancelled (from ``on_progress``), TimeBudgetExceeded.
+    ``space`` overrides the search grid (tests, benchmarks). Artifacts in ``out_dir``:
+    ``model.onnx``, ``model.pt2``, ``report.json``, ``candidates.json``.
+    """
+    model_path, data_path, out_dir = Path(model_path), Path(data_path), Path(out_dir)
+    c = spec.constraints
+    if c.time_budget_s <= 0 or c.batch_size < 1 or c.threads < 1:
+        raise InvalidRecipe("time_budget_s, batch_size and threads must be positive "
+                            f"(got {c.time_budget_s}, {c.batch_size}, {c.threads})")
+    clock = _Clock(c.time_budget_s, on_progress)
+    with _deterministic(), tempfile.TemporaryDirectory(prefix="modelpress-") as tmp:
+        return _run(model_path, data_path, spec, out_dir, clock, Path(tmp), eval_data_path, space)
+
+
+def _run(
+    model_path: Path, data_path: Path, spec: JobSpec, out_dir: Path, clock: _Clock, work: Path,
+    eval_data_path: Path | None, space: SearchSpace | None,
+) -> Result:
+    from app.engine.formats.data import load_dataset
+    from app.engine.formats.pt2 import check_pt2_archive, load_pt2
+    from app.engine.graph import modularize
+    from app.engine.stages.export import export_pt2, library_versions, onnx_parity
+
+    c = spec.constraints
+    _seed_all(spec.seed)
+    device = _device(spec)
+
+    # -- load ---------------------------------------------------------------------------------
+    clock.progress("load", 0.0, f"checking {model_path.name}")
+    check_pt2_archive(model_path)
+    ep = load_pt2(model_path)
+    specs = _input_specs(ep)
+    clock.progress("load", 0.4, f"model inputs: {', '.join(f'{s.name}{list(s.shape)}' for s in specs)}")
+    data = load_dataset(data_path, specs)
+    if eval_data_path is not None:
+        holdout = load_dataset(Path(eval_data_path), specs)
+        train_all = data
+    else:
+        train_all, holdout = data.split(HOLDOUT_FRACTION, spec.seed)
+    train, val = train_all.split(VAL_FRACTION, spec.seed)
+    teacher = modularize(ep).eval()
+    example_inputs = tuple(t[:2] for t in train.take(2).tensors())
+    clock.progress("load", 1.0, f"data: {train.samples} train, {val.samples} validation, "
+                   f"{holdout.samples} held-out samples; device {device}")
+
+    # -- baseline + plan ----------------------------------------------------------------------
+    ev = StageEvaluator(teacher, example_inputs, train, val, holdout, c, work,
+                        device=device, clock=clock)
+    search_deadline = clock.deadline - min(EXPORT_RESERVE_S, 0.2 * c.time_budget_s)
+    outcome: Outcome
+    if spec.recipe is not None:
+        recipe = replace(spec.recipe, seed=spec.seed) if spec.recipe.seed != spec.seed else spec.recipe
+        clock.progress("prune", 0.0, f"explicit recipe: {recipe.to_dict()}")
+        outcome = run_recipe(ev, recipe, c, deadline=search_deadline)
+    else:
+        sp = space or default_space(linear_heavy=_linear_heavy(teacher))
+        outcome = search(ev, c, sp, seed=spec.seed, deadline=search_deadline,
+                         on_progress=clock.progress)
+    best: Candidate = outcome.best
+    chosen: Built = outcome.built[outcome.best_index]
+
+    # -- export -------------------------------------------------------------------------------
+    clock.progress("export", 0.0, "writing model.onnx, model.pt2, report.json")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_out = out_dir / "model.onnx"
+    shutil.copyfile(chosen.onnx_path, onnx_out)
+    pt2_out = export_pt2(chosen.model, example_inputs, out_dir / "model.pt2")
+    probe = tuple(t[:8] for t in holdout.take(min(8, holdout.samples)).tensors())
+    parity = onnx_parity(chosen.model, onnx_out, probe)
+    clock.progress("export", 0.5, f"ONNX Runtime vs torch max abs diff {parity:.2e}")
+    cand_out = out_dir / "candidates.json"
+    cand_out.write_text(json.dumps(
+        {"candidates": [x.to_dict() for x in outcome.candidates], "pareto_front": outcome.front},
+        indent=2))
+
+    if outcome.status == "succeeded":
+        message = (f"chosen: prune {best.recipe.prune_ratio:.0%}, {best.recipe.quant}, "
+                   f"{best.recipe.distill_epochs} distillation epochs")
+    else:
+        message = ("no candidate meets the constraints; closest: "
+                   f"prune {best.recipe.prune_ratio:.0%}, {best.recipe.quant}: "
+                   + "; ".join(best.reasons))
+    inputs_manifest = {"model": _file_entry(model_path), "data": _file_entry(data_path)}
+    if eval_data_path is not None:
+        inputs_manifest["eval_data"] = _file_entry(Path(eval_data_path))
+    report: dict[str, Any] = {
+        "status": outcome.status,
+        "message": message,
+        "seed": spec.seed,
+        "device": str(device),
+        "spec": spec.to_dict(),
+        "constraints": c.to_dict(),
+        "recipe": best.recipe.to_dict(),
+        "baseline": ev.baseline.to_dict(),
+        "chosen": best.to_dict(),
+        "chosen_index": outcome.best_index,
+        "candidates": [x.to_dict() for x in outcome.candidates],
+        "pareto_front": outcome.front,
+        "skipped": outcome.skipped,
+        "ratios": {
+            "size": ev.baseline.size_bytes / max(best.metrics.size_bytes, 1),
+            "speedup": ev.baseline.latency_p50_ms / max(best.metrics.latency_p50_ms, 1e-9),
+            "quality_drop": ev.baseline.quality - best.metrics.quality,
+        },
+        "onnx_parity_max_abs": parity,
+        "data": {"train": train.samples, "validation": val.samples, "holdout": holdout.samples,
+                 "holdout_source": "eval_data" if eval_data_path is not None else "split"},
+        "elapsed_s": round(clock.elapsed(), 3),
+        "manifest": {
+            "inputs": inputs_manifest,
+            "outputs": {p.name: _file_entry(p) for p in (onnx_out, pt2_out, cand_out)},
+            "library_versions": library_versions(),
+        },
+    }
+    report_out = out_dir / "report.json"
+    report_out.write_text(json.dumps(report, indent=2, default=str))
+    clock.progress("export", 1.0, message)
+    return Result(
+        status=outcome.status,  # type: ignore[arg-type]
+        baseline=ev.baseline,
+        best=best,
+        candidates=outcome.candidates,
+        artifacts={"model.onnx": onnx_out, "model.pt2": pt2_out, "report.json": report_out,
+                   "candidates.json": cand_out},
+        report=report,
+        message=message,
+    )
