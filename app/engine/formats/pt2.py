@@ -305,7 +305,7 @@ def _strict_torch_artifacts() -> Iterator[None]:
         return artifact
 
     with _PATCH_LOCK:
-        serialize.deserialize_torch_artifact = strict  # type: ignore[assignment]
+        serialize.deserialize_torch_artifact = strict
         try:
             yield
         finally:
