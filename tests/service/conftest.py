@@ -1,0 +1,217 @@
+"""Service test fixtures: a fresh Postgres database migrated by Alembic, a dedicated Redis
+DB, the FastAPI app in-process, and real Celery worker processes.
+
+Postgres or Redis unreachable is a FAILURE, never a skip: CI must not pass green without them.
+Environment (optional): MODELPRESS_TEST_PG_ADMIN (admin URL of the server),
+MODELPRESS_TEST_REDIS (redis://host:port), MODELPRESS_TEST_REDIS_DB (default 11).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from app.config import Settings
+from app.db.base import metadata
+from app.db.migrate import upgrade
+from app.db.session import get_engine, session_factory
+from app.main import create_app
+from app.services.admin import create_key
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_ADMIN = os.environ.get("MODELPRESS_TEST_PG_ADMIN", "postgresql://postgres@localhost:5432/postgres")
+REDIS_BASE = os.environ.get("MODELPRESS_TEST_REDIS", "redis://localhost:6379")
+REDIS_DB = int(os.environ.get("MODELPRESS_TEST_REDIS_DB", "11"))
+
+
+def _pg_connect(url: str) -> psycopg.Connection:
+    try:
+        return psycopg.connect(url, connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as e:
+        pytest.fail(f"Postgres unreachable at {url}: {e}", pytrace=False)
+
+
+def create_database(prefix: str = "mp_test") -> str:
+    """A new empty database on the test server; returns its SQLAlchemy URL."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+    with _pg_connect(PG_ADMIN) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(url: str) -> None:
+    get_engine.cache_clear()  # drop pooled connections of this process first
+    name = url.rsplit("/", 1)[1]
+    with _pg_connect(PG_ADMIN) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    url = create_database()
+    upgrade(url)
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = f"{REDIS_BASE}/{REDIS_DB}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        pytest.fail(f"Redis unreachable at {url}: {e}", pytrace=False)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+def pg_env(pg_url: str, redis_url: str, tmp: Path) -> dict[str, str]:
+    return {
+        "MODELPRESS_DATABASE_URL": pg_url,
+        "MODELPRESS_BROKER_URL": redis_url,
+        "MODELPRESS_STORAGE_BACKEND": "postgres",
+        "MODELPRESS_TMP_DIR": str(tmp / "tmp"),
+        "MODELPRESS_DEV_KEY_BOOTSTRAP": "false",
+        "MODELPRESS_JOB_LEASE_S": "30",
+        "MODELPRESS_HEARTBEAT_INTERVAL_S": "2",
+        "MODELPRESS_PROGRESS_WRITE_INTERVAL_S": "0.2",
+    }
+
+
+def embedded_env(tmp: Path) -> dict[str, str]:
+    return {
+        "MODELPRESS_DATABASE_URL": f"sqlite:///{tmp}/modelpress.db",
+        "MODELPRESS_BROKER_URL": f"sqla+sqlite:///{tmp}/broker.db",
+        "MODELPRESS_STORAGE_DIR": str(tmp / "artifacts"),
+        "MODELPRESS_TMP_DIR": str(tmp / "tmp"),
+        "MODELPRESS_DEV_KEY_BOOTSTRAP": "false",
+        "MODELPRESS_JOB_LEASE_S": "30",
+        "MODELPRESS_HEARTBEAT_INTERVAL_S": "2",
+        "MODELPRESS_PROGRESS_WRITE_INTERVAL_S": "0.2",
+    }
+
+
+def settings_from_env(env: dict[str, str], **overrides: object) -> Settings:
+    values = {k.removeprefix("MODELPRESS_").lower(): v for k, v in env.items()}
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def pg_env_vars(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory,
+                ) -> dict[str, str]:
+    return pg_env(pg_url, redis_url, tmp_path_factory.mktemp("pg"))
+
+
+@pytest.fixture(scope="session")
+def settings(pg_env_vars: dict[str, str]) -> Settings:
+    return settings_from_env(pg_env_vars)
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings) -> FastAPI:
+    return create_app(settings)
+
+
+def truncate_all(url: str) -> None:
+    tables = ", ".join(t.name for t in metadata.sorted_tables)
+    with get_engine(url).begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def clean_db(pg_url: str) -> Iterator[None]:
+    """Per-test isolation: every table truncated after the test."""
+    yield
+    truncate_all(pg_url)
+
+
+@pytest.fixture
+def client(app: FastAPI, clean_db: None) -> Iterator[TestClient]:
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def new_key(settings: Settings, tenant: str) -> str:
+    with session_factory(settings)() as s:
+        key = create_key(s, tenant)
+        s.commit()
+    return key
+
+
+@pytest.fixture
+def key(settings: Settings, clean_db: None) -> str:
+    return new_key(settings, "tenant-a")
+
+
+@pytest.fixture
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# --- Celery worker processes ------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_worker(env: dict[str, str], log: Path, timeout_s: float = 90) -> Worker:
+    celery = Path(sys.executable).parent / "celery"
+    cmd = [str(celery), "-A", "workers.celery_app", "worker", "-Q", "cpu,gpu", "-c", "1",
+           "--pool", "prefork", "-l", "INFO", "-n", f"test-{secrets.token_hex(3)}@%h",
+           "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    f = log.open("wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    worker = Worker(proc, log)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"celery worker exited ({proc.returncode}):\n{worker.output()[-4000:]}")
+        if " ready." in worker.output():
+            return worker
+        time.sleep(0.2)
+    stop_worker(worker)
+    pytest.fail(f"celery worker not ready after {timeout_s} s:\n{worker.output()[-4000:]}")
+
+
+def stop_worker(worker: Worker) -> None:
+    if worker.proc.poll() is None:
+        # Our own process group (start_new_session): TERM then KILL the pool children too.
+        os.killpg(worker.proc.pid, signal.SIGTERM)
+        try:
+            worker.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.proc.pid, signal.SIGKILL)
+            worker.proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def pg_worker(pg_env_vars: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
+              ) -> Iterator[Worker]:
+    w = start_worker(pg_env_vars, tmp_path_factory.mktemp("worker") / "worker.log")
+    yield w
+    stop_worker(w)

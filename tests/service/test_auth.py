@@ -1,0 +1,106 @@
+"""Bearer API keys: hashed at rest, refused in the query string, revocation and expiry honoured,
+every read scoped to the key's tenant (another tenant's id is a 404)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.config import Settings
+from app.db.base import utcnow
+from app.db.models import ApiKey, Model
+from app.db.session import session_factory
+from app.services.admin import create_key, ensure_dev_key
+from app.services.auth import hash_key
+from tests.service.conftest import new_key
+
+pytestmark = pytest.mark.service
+
+
+def _problem(resp, status: int, code: str) -> dict:  # type: ignore[no-untyped-def]
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    body = resp.json()
+    assert body["code"] == code and body["status"] == status
+    return body
+
+
+def _add_model(settings: Settings, key: str) -> str:
+    with session_factory(settings)() as s:
+        tenant_id = s.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key)))
+        m = Model(tenant_id=tenant_id, filename="m.pt2", format="pt2",
+                  inputs=[{"name": "x", "shape": [None, 4], "dtype": "float32"}],
+                  outputs=[], parameters=1, sha256="0" * 64, size_bytes=1,
+                  storage_key="models/x/y/model.pt2")
+        s.add(m)
+        s.commit()
+        return m.id
+
+
+def test_missing_or_bad_key_is_401(client: TestClient, key: str) -> None:
+    body = _problem(client.get("/v1/models"), 401, "unauthorized")
+    assert "Bearer" in body["detail"]
+    _problem(client.get("/v1/models", headers={"Authorization": "Bearer mp_nope"}), 401,
+             "unauthorized")
+    _problem(client.get("/v1/models", headers={"Authorization": f"Basic {key}"}), 401,
+             "unauthorized")
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_key_in_query_string_refused(client: TestClient, key: str) -> None:
+    # Even together with a valid header: the URL (and so access logs) must never carry keys.
+    r = client.get(f"/v1/models?api_key={key}", headers={"Authorization": f"Bearer {key}"})
+    assert "query string" in _problem(r, 401, "unauthorized")["detail"]
+    _problem(client.get(f"/v1/jobs?token={key}"), 401, "unauthorized")
+
+
+def test_keys_stored_hashed(settings: Settings, key: str) -> None:
+    with session_factory(settings)() as s:
+        rows = s.scalars(select(ApiKey)).all()
+    assert len(rows) == 1
+    assert rows[0].key_hash == hash_key(key) and key not in (rows[0].key_hash, rows[0].prefix)
+    assert key.startswith(rows[0].prefix)
+
+
+def test_revoked_and_expired_keys_401(client: TestClient, settings: Settings, key: str) -> None:
+    h = {"Authorization": f"Bearer {key}"}
+    assert client.get("/v1/jobs", headers=h).status_code == 200
+    with session_factory(settings)() as s:
+        row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+        assert row is not None
+        row.revoked_at = utcnow()
+        s.commit()
+    assert "revoked" in _problem(client.get("/v1/jobs", headers=h), 401, "unauthorized")["detail"]
+    with session_factory(settings)() as s:
+        k2 = create_key(s, "tenant-a", expires_at=utcnow() - timedelta(seconds=1))
+        s.commit()
+    r = client.get("/v1/jobs", headers={"Authorization": f"Bearer {k2}"})
+    assert "expired" in _problem(r, 401, "unauthorized")["detail"]
+
+
+def test_other_tenants_ids_are_404(client: TestClient, settings: Settings, key: str) -> None:
+    model_id = _add_model(settings, key)
+    other = new_key(settings, "tenant-b")
+    mine = client.get(f"/v1/models/{model_id}", headers={"Authorization": f"Bearer {key}"})
+    assert mine.status_code == 200 and mine.json()["id"] == model_id
+    theirs = client.get(f"/v1/models/{model_id}", headers={"Authorization": f"Bearer {other}"})
+    _problem(theirs, 404, "not_found")
+    listed = client.get("/v1/models", headers={"Authorization": f"Bearer {other}"}).json()
+    assert listed["items"] == []
+    # A job naming another tenant's model is a 404 too, not a leak of its existence.
+    r = client.post("/v1/jobs", headers={"Authorization": f"Bearer {other}"},
+                    json={"model_id": model_id, "dataset_id": "x",
+                          "constraints": {"max_size_mb": 1}})
+    _problem(r, 404, "not_found")
+
+
+def test_dev_key_created_once(settings: Settings, clean_db: None) -> None:
+    with session_factory(settings)() as s:
+        first = ensure_dev_key(s)
+        s.commit()
+        second = ensure_dev_key(s)
+    assert first is not None and first.startswith("mp_")
+    assert second is None
