@@ -1,0 +1,145 @@
+"""Export: single-file ONNX (dynamo exporter, dynamic batch), .pt2, hashes, library versions.
+
+``export_onnx`` of a converted PT2E model gives a QDQ graph (QuantizeLinear/DequantizeLinear
+around Conv/Gemm/MatMul) that ONNX Runtime fuses into int8 kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import io
+import platform
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from app.engine.stages.quantize import batch_dynamic_shapes, batch_examples, capture, set_training
+
+_CHUNK = 1 << 20  # bytes read per hash update
+
+
+def _program(
+    model: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[torch.Tensor]
+) -> torch.export.ExportedProgram:
+    if isinstance(model, torch.export.ExportedProgram):
+        return model
+    set_training(model, False)
+    return capture(model, example_inputs)
+
+
+def export_onnx(
+    model: nn.Module | torch.export.ExportedProgram,
+    example_inputs: Sequence[torch.Tensor],
+    path: Path,
+    *,
+    opset: int | None = None,
+) -> Path:
+    """Write ``model`` as ONE ONNX file (weights inline, no ``.data`` side file).
+
+    Dim 0 of every input (the batch) is dynamic. Input names are the model's ``forward``
+    argument names (the names of an exported program's user inputs).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ep = _program(model, example_inputs)
+    ex = batch_examples(example_inputs)
+    side = path.with_name(path.name + ".data")
+    # The exporter prints progress lines to stdout; keep the caller's stdout clean.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            ep,
+            ex,
+            str(path),
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=batch_dynamic_shapes(ex),
+            opset_version=opset,
+        )
+    if side.exists():
+        # Older exporters ignore external_data=False: inline the weights and drop the side file.
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=True)
+        onnx.save(proto, str(path), save_as_external_data=False)
+        side.unlink()
+    return path
+
+
+def export_pt2(
+    model: nn.Module | torch.export.ExportedProgram,
+    example_inputs: Sequence[torch.Tensor],
+    path: Path,
+) -> Path:
+    """``torch.export.save`` of the model (dynamic batch); ``torch.export.load`` reads it back.
+
+    Works for converted PT2E int8 models too (int8 weights are plain tensors in the archive).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ep = _program(model, example_inputs)
+    torch.export.save(ep, str(path))
+    return path
+
+
+def onnx_outputs(onnx_path: Path, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """Run an ONNX file in ONNX Runtime (CPU, 1 thread, no spinning) on torch inputs."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) != len(inputs):
+        raise ValueError(f"ONNX model takes {len(names)} inputs, got {len(inputs)}")
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
+    return [np.asarray(o) for o in sess.run(None, feed)]
+
+
+def onnx_parity(model: nn.Module, onnx_path: Path, inputs: Sequence[torch.Tensor]) -> float:
+    """Max abs difference between the first output of ``model`` and of the ONNX file."""
+    set_training(model, False)
+    with torch.no_grad():
+        out = model(*inputs)
+    ref = out[0] if isinstance(out, tuple | list) else out
+    got = onnx_outputs(onnx_path, inputs)[0]
+    return float(np.max(np.abs(ref.detach().cpu().numpy() - got)))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_PACKAGES = {
+    "torch": "torch",
+    "torchao": "torchao",
+    "torch_pruning": "torch-pruning",
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+    "onnxscript": "onnxscript",
+    "numpy": "numpy",
+}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the toolchain that produced an artifact (for the report manifest)."""
+    out: dict[str, str] = {}
+    for key, dist in _PACKAGES.items():
+        try:
+            out[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[key] = "not installed"
+    out["python"] = platform.python_version()
+    return out

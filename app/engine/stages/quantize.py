@@ -1,0 +1,413 @@
+"""Quantization: int8 static / QAT through torchao PT2E, int8 dynamic and fp16 at the ONNX level.
+
+Why the split:
+- int8 static and QAT use PT2E (``X86InductorQuantizer``, per-channel symmetric int8 weights,
+  per-tensor uint8 activations). ``convert`` gives a GraphModule with quantize/dequantize ops
+  that ``export.export_onnx`` turns into a QDQ ONNX graph ONNX Runtime runs with int8 kernels.
+- int8 dynamic through PT2E does NOT reach ONNX: the converted graph holds
+  ``quantized_decomposed.choose_qparams.tensor``, which the dynamo ONNX exporter cannot
+  translate (checked with torch 2.13 / torchao 0.18). So dynamic int8 is an ONNX-level step on
+  the fp32 ONNX (``quantize_onnx_dynamic``: onnxruntime ``quantize_dynamic``, per-channel,
+  which keeps cosine to fp32 well above per-tensor on transformer encoders).
+- fp16 is weight storage only (``quantize_onnx_fp16``): half the file, same fp32 compute,
+  because ONNX Runtime's CPU provider has few fp16 kernels.
+
+Inputs are plain ``nn.Module`` s, module-ized ``fx.GraphModule`` s or
+``ExportedProgram.module()`` graphs; each is re-captured with ``torch.export`` and a dynamic
+batch dimension so calibration and training batches may have any size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import operator
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+def _quiet() -> contextlib.ExitStack:
+    """Silence torchao's import-time chatter and PT2E warnings (they go to stdout/stderr)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    return stack
+
+
+with _quiet(), contextlib.redirect_stdout(io.StringIO()):
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as _xiq
+    from torchao.quantization.pt2e import (
+        move_exported_model_to_eval,
+        move_exported_model_to_train,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import (
+        convert_pt2e,
+        prepare_pt2e,
+        prepare_qat_pt2e,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# capture helpers (also used by export.py and distill.py)
+
+
+def batch_examples(example_inputs: Sequence[torch.Tensor]) -> Inputs:
+    """Example inputs with a batch of at least 2.
+
+    ``torch.export`` specializes a size-1 dimension to the constant 1, which would freeze the
+    batch size of the captured graph; a batch of 2 keeps dim 0 symbolic.
+    """
+    out: list[torch.Tensor] = []
+    for t in example_inputs:
+        if t.dim() > 0 and t.shape[0] == 1:
+            t = torch.cat([t, t], dim=0)
+        out.append(t)
+    return tuple(out)
+
+
+def batch_dynamic_shapes(example_inputs: Sequence[torch.Tensor]) -> tuple[dict[int, Any], ...]:
+    """dim 0 of every input is the batch: AUTO lets export keep it dynamic where it can
+    (and specialize silently where the model itself fixes it, instead of failing)."""
+    return tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else {} for t in example_inputs)
+
+
+def capture(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor]
+) -> torch.export.ExportedProgram:
+    """``torch.export.export`` with a dynamic batch dimension, model in its current mode."""
+    ex = batch_examples(example_inputs)
+    with _quiet():
+        return torch.export.export(model, ex, dynamic_shapes=batch_dynamic_shapes(ex))
+
+
+def set_training(model: nn.Module, mode: bool) -> nn.Module:
+    """``model.train(mode)`` that also works on exported / PT2E graphs.
+
+    ``ExportedProgram.module()`` and PT2E-prepared graphs refuse ``train()`` / ``eval()``;
+    torchao's helpers rewrite the batch-norm and dropout ops in their graph instead.
+    """
+    try:
+        model.train(mode)
+    except NotImplementedError:
+        assert isinstance(model, torch.fx.GraphModule)
+        if mode:
+            move_exported_model_to_train(model)
+        else:
+            move_exported_model_to_eval(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# PT2E int8
+
+
+def is_depthwise_conv(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    """True for ``aten.conv2d`` with groups == in_channels > 1 (weight shape (C, 1, k, k))."""
+    if node.op != "call_function" or node.target != torch.ops.aten.conv2d.default:
+        return False
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    if not isinstance(groups, int) or groups <= 1:
+        return False
+    w = node.args[1]
+    shape = None
+    if isinstance(w, torch.fx.Node):
+        if "val" in w.meta and hasattr(w.meta["val"], "shape"):
+            shape = tuple(w.meta["val"].shape)
+        elif w.op == "get_attr":
+            shape = tuple(_get_attr(gm, str(w.target)).shape)
+    return shape is not None and len(shape) == 4 and shape[1] == 1
+
+
+def _get_attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _OrtX86Quantizer(_xiq.X86InductorQuantizer):
+    """X86 recipe adjusted for ONNX Runtime.
+
+    1. ``quantize_outputs``: the X86 (Inductor) recipe quantizes a conv/linear output only when
+       the next op takes int8. ONNX Runtime fuses DQ -> Conv -> Q into ``QLinearConv`` only
+       when the Q is there; otherwise it keeps the conv in fp32 and dequantizes its weights on
+       every run (measured: ResCNN int8 at 0.7x the fp32 speed). So every quantized pattern's
+       output gets an activation observer too, like onnxruntime ``quantize_static`` does.
+    2. ``skip_depthwise``: depthwise convs (and the bn/act fused with them) stay fp32: marking
+       them annotated-with-no-config first makes every pattern containing one skip itself.
+    """
+
+    def __init__(self, *, quantize_outputs: bool, skip_depthwise: bool) -> None:
+        super().__init__()
+        self.quantize_outputs = quantize_outputs
+        self.skip_depthwise = skip_depthwise
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        if self.skip_depthwise:
+            for node in model.graph.nodes:
+                if is_depthwise_conv(node, model):
+                    _xiq._annotate_nodes_not_quantize(node)
+        super().annotate(model)
+        if self.quantize_outputs and self.global_config is not None:
+            _quantize_pattern_outputs(model, self.global_config.output_activation)
+        return model
+
+
+_HEADS = {
+    torch.ops.aten.conv2d.default,
+    torch.ops.aten.conv1d.default,
+    torch.ops.aten.linear.default,
+}
+# Ops a conv/linear output may flow through before its quantize point: folded-away batch norm
+# (QAT keeps it until convert), its getitem, and activations ONNX Runtime folds into QLinearConv.
+_CHAIN = {
+    torch.ops.aten.batch_norm.default,
+    torch.ops.aten._native_batch_norm_legit.default,
+    torch.ops.aten._native_batch_norm_legit_no_training.default,
+    operator.getitem,
+    torch.ops.aten.relu.default,
+    torch.ops.aten.relu_.default,
+    torch.ops.aten.hardtanh.default,
+    torch.ops.aten.hardtanh_.default,
+}
+_ADDS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+
+
+def _tail(node: torch.fx.Node) -> torch.fx.Node:
+    """Last node of the chain conv -> [bn] -> [getitem] -> [relu/relu6] (single users only)."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op != "call_function" or user.target not in _CHAIN:
+            break
+        if user.target is operator.getitem and user.args[1] != 0:
+            break
+        node = user
+    return node
+
+
+def _set_output_qspec(node: torch.fx.Node, spec: Any) -> None:
+    ann = node.meta.get(_xiq.QUANT_ANNOTATION_KEY)
+    if ann is None:
+        ann = _xiq._X86InductorQuantizationAnnotation(_annotated=True)
+        node.meta[_xiq.QUANT_ANNOTATION_KEY] = ann
+    if ann.output_qspec is None:
+        ann.output_qspec = spec
+
+
+def _is_quantized_head(node: torch.fx.Node) -> bool:
+    ann = node.meta.get(_xiq.QUANT_ANNOTATION_KEY)
+    return (
+        node.op == "call_function"
+        and node.target in _HEADS
+        and ann is not None
+        and bool(ann.input_qspec_map)
+    )
+
+
+def _quantize_pattern_outputs(model: torch.fx.GraphModule, spec: Any) -> None:
+    """Give every quantized conv/linear (after its bn/activation) and every residual add fed
+    by one a quantized output, so the ONNX graph has DQ -> op -> Q groups ORT can fuse."""
+    quantized: set[torch.fx.Node] = set()
+    for node in model.graph.nodes:
+        if _is_quantized_head(node):
+            tail = _tail(node)
+            _set_output_qspec(tail, spec)
+            quantized.add(tail)
+    for node in model.graph.nodes:
+        if node.op != "call_function" or node.target not in _ADDS:
+            continue
+        tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+        if len(tensors) != 2 or not any(t in quantized for t in tensors):
+            continue
+        ann = node.meta.get(_xiq.QUANT_ANNOTATION_KEY)
+        if ann is None:
+            ann = _xiq._X86InductorQuantizationAnnotation(_annotated=True)
+            node.meta[_xiq.QUANT_ANNOTATION_KEY] = ann
+        for t in tensors:  # QLinearAdd needs both inputs int8
+            if t not in quantized and t not in ann.input_qspec_map:
+                ann.input_qspec_map[t] = spec
+        _set_output_qspec(_tail(node), spec)
+
+
+def _quantizer(
+    *, is_qat: bool, skip_depthwise: bool, quantize_outputs: bool = True
+) -> _xiq.X86InductorQuantizer:
+    config = _xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat)
+    with _quiet():
+        return _OrtX86Quantizer(
+            quantize_outputs=quantize_outputs, skip_depthwise=skip_depthwise
+        ).set_global(config)
+
+
+def quantize_static(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    calib: Iterable[Sequence[torch.Tensor]],
+    *,
+    skip_depthwise: bool = False,
+    quantize_outputs: bool = True,
+) -> torch.fx.GraphModule:
+    """int8 static PT2E: capture (eval mode), insert observers, run ``calib`` batches, convert.
+
+    Returns the converted GraphModule (quantize/dequantize ops, batch norm folded); export it
+    with ``export.export_onnx`` for a QDQ ONNX graph. The input model is not modified.
+    """
+    set_training(model, False)
+    gm = capture(model, example_inputs).module()
+    with _quiet():
+        prepared = prepare_pt2e(gm, _quantizer(is_qat=False, skip_depthwise=skip_depthwise,
+                                               quantize_outputs=quantize_outputs))
+    n = 0
+    with torch.no_grad():
+        for batch in calib:
+            prepared(*batch)
+            n += 1
+    if n == 0:
+        raise ValueError("quantize_static needs at least one calibration batch")
+    return convert(prepared)
+
+
+def prepare_qat(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], *, skip_depthwise: bool = False
+) -> torch.fx.GraphModule:
+    """Fake-quant GraphModule for quantization-aware training (conv+bn kept foldable).
+
+    Captured in train mode; train it with the usual optimizer loop (``set_training`` switches
+    batch-norm / dropout modes), then ``convert`` it.
+    """
+    set_training(model, True)
+    try:
+        gm = capture(model, example_inputs).module()
+    finally:
+        set_training(model, False)
+    with _quiet():
+        return prepare_qat_pt2e(gm, _quantizer(is_qat=True, skip_depthwise=skip_depthwise))
+
+
+def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Observed / fake-quant graph -> quantized reference graph (eval mode, weights int8)."""
+    set_training(prepared, False)
+    with _quiet():
+        out = convert_pt2e(prepared)
+    set_training(out, False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX-level quantization (onnxruntime.quantization)
+
+
+def quantize_onnx_dynamic(src: Path, dst: Path, *, per_channel: bool = True) -> Path:
+    """int8 dynamic (weights int8, activations quantized at run time) on an fp32 ONNX file.
+
+    MatMul/Gemm weights become int8 (``MatMulInteger`` / ``DynamicQuantizeLinear``): the
+    right scheme for Linear-heavy models (transformer encoders, MLPs).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst = Path(dst)
+    with _quiet():
+        quantize_dynamic(
+            Path(src),
+            dst,
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+        )
+    return dst
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over feed dicts."""
+
+    def __init__(self, feeds: Iterable[dict[str, np.ndarray]]) -> None:
+        self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def quantize_onnx_static(
+    src: Path,
+    dst: Path,
+    calib: Iterable[dict[str, np.ndarray]],
+    *,
+    per_channel: bool = True,
+    skip_depthwise: bool = False,
+) -> Path:
+    """onnxruntime ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations).
+
+    The route for ONNX-only uploads, and the baseline the PT2E path is compared against.
+    ``skip_depthwise`` excludes Conv nodes with group == input channels > 1.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    exclude: list[str] = []
+    if skip_depthwise:
+        model = onnx.load(str(src))
+        inits = {i.name: i for i in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type != "Conv":
+                continue
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            w = inits.get(node.input[1])
+            if group > 1 and w is not None and len(w.dims) == 4 and w.dims[1] == 1:
+                exclude.append(node.name)
+    dst = Path(dst)
+    with _quiet():
+        quantize_static(
+            Path(src),
+            dst,
+            _Reader(calib),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+        )
+    return dst
+
+
+def quantize_onnx_fp16(src: Path, dst: Path, *, min_elements: int = 16) -> Path:
+    """Store float32 initializers as float16 with a Cast back to float32 in front of their users.
+
+    Half the weight bytes on disk; ONNX Runtime folds the casts at session load, so compute
+    stays fp32 (CPU fp16 kernels are sparse) and the speed is that of the fp32 model.
+    Tensors smaller than ``min_elements`` (scalars, shapes) are left alone.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    new_inits = []
+    casts = []
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements:
+            new_inits.append(init)
+            continue
+        arr = numpy_helper.to_array(init).astype(np.float16)
+        half = numpy_helper.from_array(arr, name=init.name + "__fp16")
+        new_inits.append(half)
+        casts.append(
+            helper.make_node(
+                "Cast", [half.name], [init.name], to=TensorProto.FLOAT, name=init.name + "__cast"
+            )
+        )
+    del graph.initializer[:]
+    graph.initializer.extend(new_inits)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return Path(dst)
