@@ -215,3 +215,39 @@ def pg_worker(pg_env_vars: dict[str, str], tmp_path_factory: pytest.TempPathFact
     w = start_worker(pg_env_vars, tmp_path_factory.mktemp("worker") / "worker.log")
     yield w
     stop_worker(w)
+
+
+# --- a real tiny model and its data ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mlp_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """examples.zoo.MLP trained 2 epochs on digits, saved with torch.export.save (dynamic
+    batch), plus the digits arrays as .npy for building data files under any key."""
+    import numpy as np
+    import torch
+
+    from examples.zoo import MLP, digits, train
+
+    x, y = digits()
+    model = train(MLP(), x, y, epochs=2)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(model, (x[:8],), dynamic_shapes=({0: batch},))
+    out = tmp_path_factory.mktemp("mlp")
+    torch.export.save(ep, out / "mlp.pt2")
+    np.save(out / "x.npy", x.numpy())
+    np.save(out / "y.npy", y.numpy())
+    with torch.no_grad():
+        np.save(out / "logits.npy", model(x).numpy())
+    return {"pt2": out / "mlp.pt2", "x": out / "x.npy", "y": out / "y.npy",
+            "logits": out / "logits.npy"}
+
+
+def npz_bytes(**arrays: object) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
