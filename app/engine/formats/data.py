@@ -150,11 +150,13 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise InvalidData(f"data file {path.name!r} does not exist")
     with path.open("rb") as f:
-        head = f.read(4)
+        head = f.read(9)
     suffix = path.suffix.lower()
+    # Stored uploads may have lost their suffix: sniff zip (npz) / safetensors header ('{'
+    # after the 8-byte little-endian header length).
     if suffix == ".npz" or (suffix != ".safetensors" and head.startswith(b"PK")):
         return _read_npz(path)
-    if suffix == ".safetensors":
+    if suffix == ".safetensors" or head[8:9] == b"{":
         return _read_safetensors(path)
     raise InvalidData(f"data file {path.name!r}: expected .npz or .safetensors")
 
