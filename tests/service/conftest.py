@@ -251,3 +251,64 @@ def npz_bytes(**arrays: object) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
+
+
+# --- API with a broker no worker listens to (jobs stay queued; messages can be inspected) -----
+
+
+@dataclass
+class QuietBroker:
+    url: str
+    client: redis.Redis
+
+    def messages(self, queue: str = "cpu") -> list[dict[str, object]]:
+        """Decoded Celery messages waiting in ``queue`` (kombu's Redis list)."""
+        import base64
+        import json
+
+        out = []
+        for raw in self.client.lrange(queue, 0, -1):
+            msg = json.loads(raw)
+            body = json.loads(base64.b64decode(msg["body"]))
+            out.append({"task": msg["headers"]["task"], "args": body[0]})
+        return out
+
+
+@pytest.fixture
+def quiet_broker(redis_url: str) -> Iterator[QuietBroker]:
+    url = f"{REDIS_BASE}/{REDIS_DB + 1}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    client.flushdb()
+    yield QuietBroker(url, client)
+    client.flushdb()
+
+
+@pytest.fixture
+def api(settings: Settings, quiet_broker: QuietBroker, clean_db: None) -> Iterator[TestClient]:
+    app = create_app(settings.model_copy(update={"broker_url": quiet_broker.url}))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def seed_model_and_data(settings: Settings, key: str) -> tuple[str, str]:
+    """Rows only (no bytes): for API tests that never reach a worker."""
+    from sqlalchemy import select as _select
+
+    from app.db.models import ApiKey, Dataset, Model
+    from app.services.auth import hash_key
+
+    spec = [{"name": "x", "shape": [None, 1, 8, 8], "dtype": "float32"}]
+    with session_factory(settings)() as s:
+        tenant_id = s.scalar(_select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key)))
+        assert tenant_id is not None
+        m = Model(tenant_id=tenant_id, filename="m.pt2", format="pt2", inputs=spec,
+                  outputs=[], parameters=1, sha256="0" * 64, size_bytes=1,
+                  storage_key="models/none/model.pt2")
+        s.add(m)
+        s.flush()
+        d = Dataset(tenant_id=tenant_id, model_id=m.id, filename="d.npz", format="npz",
+                    samples=10, inputs=spec, has_labels=True, num_classes=10, sha256="0" * 64,
+                    size_bytes=1, storage_key="datasets/none/data.npz")
+        s.add(d)
+        s.commit()
+        return m.id, d.id
