@@ -238,24 +238,28 @@ def run_job(job_id: str, worker_id: str, *, settings: Settings | None = None,
         from app.engine.pipeline import run  # torch: imported only in the pool child
 
         engine_run = run
+    if settings.tmp_dir is not None:
+        settings.tmp_dir.mkdir(parents=True, exist_ok=True)
 
     lease = _Lease(sessions, settings, job_id, worker_id)
-    with lease, tempfile.TemporaryDirectory(prefix=f"modelpress-{job_id}-",
-                                            dir=settings.tmp_dir) as tmp:
-        root = Path(tmp)
+    with lease:
         try:
-            lease.on_progress("load", 0.0, "fetching model and data")
-            model_path = _download(store, inp.model_key, root / f"model{inp.model_suffix}")
-            data_path = _download(store, inp.data_key, root / f"data{inp.data_suffix}")
-            eval_path = None
-            if inp.eval_key is not None:
-                eval_path = _download(store, inp.eval_key, root / f"eval{inp.eval_suffix}")
-            out_dir = root / "out"
-            out_dir.mkdir()
-            result = engine_run(model_path, data_path, inp.spec, out_dir, lease.on_progress,
-                                eval_data_path=eval_path)
-            lease.check()
-            _store_outcome(sessions, store, inp, result, out_dir, worker_id)
+            with tempfile.TemporaryDirectory(prefix=f"modelpress-{job_id}-",
+                                             dir=settings.tmp_dir) as tmp:
+                root = Path(tmp)
+                lease.on_progress("load", 0.0, "fetching model and data")
+                model_path = _download(store, inp.model_key, root / f"model{inp.model_suffix}")
+                data_path = _download(store, inp.data_key, root / f"data{inp.data_suffix}")
+                eval_path = None
+                if inp.eval_key is not None:
+                    eval_path = _download(store, inp.eval_key,
+                                          root / f"eval{inp.eval_suffix}")
+                out_dir = root / "out"
+                out_dir.mkdir()
+                result = engine_run(model_path, data_path, inp.spec, out_dir,
+                                    lease.on_progress, eval_data_path=eval_path)
+                lease.check()
+                _store_outcome(sessions, store, inp, result, out_dir, worker_id)
         except LeaseLost:
             log.warning("job %s: lease lost, leaving it to its new owner", job_id)
         except Cancelled as e:

@@ -112,7 +112,7 @@ def test_dataset_validated_against_model(client: TestClient, auth: dict[str, str
     r = client.post(url, content=b"not a zip", headers=auth)
     assert r.status_code == 422 and r.json()["code"] in {"invalid_data", "input_mismatch"}
 
-    r = client.post(f"/v1/datasets?filename=data.npz", content=npz_bytes(x=x), headers=auth)
+    r = client.post("/v1/datasets?filename=data.npz", content=npz_bytes(x=x), headers=auth)
     assert r.status_code == 422 and r.json()["code"] == "validation_error"
     r = client.post("/v1/datasets?model_id=nope&filename=data.npz", content=npz_bytes(x=x),
                     headers=auth)
