@@ -106,6 +106,7 @@ def prune(
             example_inputs,
             importance=importance,
             pruning_ratio=config.ratio,
+            pruning_ratio_dict=_layer_ratios(net, ignored, config),
             ignored_layers=ignored,
             round_to=config.round_to if config.round_to > 1 else None,
             global_pruning=False,
@@ -218,6 +219,30 @@ def _working_copy(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
     finally:
         model.train(training)
     return modularize_module(ep.module())
+
+
+def _layer_ratios(
+    model: nn.Module, ignored: list[nn.Module], config: PruneConfig
+) -> dict[nn.Module, float]:
+    """Per-layer ratios whose kept widths are the nearest multiple of ``round_to`` (at least
+    one multiple). Torch-Pruning itself rounds the kept width *down*, which at high ratios
+    on narrow layers rounds it to zero and then silently skips the layer."""
+    skip = {id(m) for m in ignored}
+    out: dict[nn.Module, float] = {}
+    step = max(config.round_to, 1)
+    for m in model.modules():
+        if id(m) in skip:
+            continue
+        if isinstance(m, nn.Linear):
+            width = m.out_features
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            width = m.out_channels
+        else:
+            continue
+        keep = max(step, int(width * (1.0 - config.ratio) / step + 0.5) * step)
+        # TP keeps int(width * (1 - r)) channels: aim half a channel above to dodge float error
+        out[m] = 0.0 if keep >= width else 1.0 - (keep + 0.5) / width
+    return out
 
 
 def _count_params(model: nn.Module) -> int:
