@@ -34,10 +34,9 @@ def rewrite_zip(src: Path, dst: Path, edit: dict[str, bytes | None] | None = Non
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
         for info in zin.infolist():
             hit = next((k for k in edit if info.filename.endswith(k)), None)
-            if hit is None:
-                zout.writestr(info, zin.read(info))
-            elif edit[hit] is not None:
-                zout.writestr(info, edit[hit])
+            new = zin.read(info) if hit is None else edit[hit]
+            if new is not None:
+                zout.writestr(info, new)
         root = zin.namelist()[0].split("/", 1)[0]
         for name, data in (add or {}).items():
             zout.writestr(name.replace("<root>", root), data)

@@ -129,9 +129,8 @@ def onnx_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ..
 
 def _inspect_in_child(path: Path, fmt: str) -> dict[str, Any]:
     if fmt == "onnx":
-        from app.engine.stages.evaluate import count_params, make_session
-
         from app.engine.formats.onnx_safe import check_onnx
+        from app.engine.stages.evaluate import count_params, make_session
 
         check_onnx(path)
         ins, outs = onnx_specs(path)
@@ -190,6 +189,9 @@ def _child_main() -> None:
         result = {"error": e.code, "message": e.message}
     except MemoryError:
         result = {"crash": f"loader ran out of memory (limit {memory_mb} MB)"}
+    except Exception as e:  # a loader bug on this file: the file is what we cannot read
+        result = {"error": InvalidModel.code,
+                  "message": f"cannot read {Path(path).name!r}: {type(e).__name__}: {e}"[:2000]}
     sys.stdout.write("\n" + _RESULT_TAG + json.dumps(result) + "\n")
     sys.stdout.flush()
 
