@@ -1,0 +1,96 @@
+"""``modelpress``: one console script for every role.
+
+- ``serve``                  the embedded default (API + one worker, SQLite, no servers)
+- ``admin create-key``       a tenant's API key, straight in the configured database
+- ``compress``               the offline engine, no server (``app.engine.cli``)
+- ``upload-model`` ``upload-data`` ``submit`` ``status`` ``list`` ``cancel`` ``download``
+  ``report``                 the HTTP client (``app.client.cli``)
+
+Server-side and engine modules are imported only by the command that needs them, so the
+client commands start fast and work without torch being loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from app.client import cli as client_cli
+
+
+def _compress(argv: list[str]) -> int:
+    try:
+        from app.engine.cli import add_compress_parser, compress
+    except ImportError as e:
+        print(f"error: the offline compressor is not available ({e})", file=sys.stderr)
+        return 1
+    parser = argparse.ArgumentParser(prog="modelpress")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_compress_parser(sub)
+    args = parser.parse_args(["compress", *argv])
+    return int(compress(args))
+
+
+def _create_key(tenant: str) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.config import get_settings
+    from app.db.migrate import upgrade
+    from app.db.session import session_scope
+    from app.services.admin import create_key
+
+    settings = get_settings()
+    try:
+        if settings.is_sqlite:
+            upgrade(settings.database_url)  # the embedded default has no separate migrate step
+        with session_scope(settings) as session:
+            key = create_key(session, tenant)
+    except SQLAlchemyError as e:
+        print(f"error: database {settings.database_url.split('@')[-1]}: "
+              f"{str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(key)
+    print(f"  key for tenant {tenant!r}; shown once, only its hash is stored", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelpress",
+        description="ModelPress: compress trained neural networks to a stated budget.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the API and one worker (embedded default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--concurrency", type=int, default=1, help="worker processes")
+    p.add_argument("--no-beat", action="store_true", help="no reaper/reconciler schedule")
+
+    p = sub.add_parser("admin", help="administration")
+    admin = p.add_subparsers(dest="admin_command", required=True, metavar="ADMIN_COMMAND")
+    k = admin.add_parser("create-key", help="create an API key (and the tenant if new)")
+    k.add_argument("--tenant", required=True, help="tenant name")
+
+    # Listed for --help only: main() hands "compress ..." to app.engine.cli before parsing.
+    sub.add_parser("compress", add_help=False,
+                   help="compress a model offline, no server (see: modelpress compress -h)")
+    client_cli.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "compress":
+        return _compress(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from app.serve import serve
+
+        return serve(args.host, args.port, args.concurrency, beat=not args.no_beat)
+    if args.command == "admin":
+        return _create_key(args.tenant)
+    return client_cli.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""ModelPress client: the Python SDK (sdk.py) and the command-line commands (cli.py)."""
