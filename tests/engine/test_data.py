@@ -149,3 +149,17 @@ def test_split_batches_take() -> None:
     unlabeled = Dataset({"x": ds.inputs["x"]}, None)
     a, b = unlabeled.split(0.25, seed=3)
     assert (a.samples, b.samples) == (75, 25)
+
+
+def test_npy_header_claiming_huge_shape_refused(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "<f4", "fortran_order": False, "shape": (10**9, 1, 8, 8)})
+    path = tmp_path / "lie.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", buf.getvalue() + b"\0" * 256)
+    with pytest.raises(InvalidData, match=r"'x'.*claims shape \(1000000000, 1, 8, 8\)"):
+        load_dataset(path, [IMG])

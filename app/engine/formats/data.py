@@ -114,6 +114,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     except EngineError as e:  # same structural checks, reported as a data problem
         raise InvalidData(e.message.replace("npz file", f"data file {path.name!r}", 1),
                           details=e.details) from e
+    _check_npy_headers(path)
     arrays: dict[str, np.ndarray] = {}
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -132,6 +133,39 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise InvalidData(f"{path.name!r} is not a readable .npz file: {e}") from e
     return arrays
+
+
+def _check_npy_headers(path: Path) -> None:
+    """Read each member's .npy header only: refuse object dtypes and shapes whose byte size
+    exceeds the member (numpy allocates the claimed shape before reading the data)."""
+    from numpy.lib import format as npf
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                key = info.filename.removesuffix(".npy")
+                with zf.open(info) as f:
+                    version = npf.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = npf.read_array_header_1_0(f)
+                    elif version in ((2, 0), (3, 0)):
+                        shape, _, dtype = npf.read_array_header_2_0(f)
+                    else:
+                        raise ValueError(f"unsupported .npy version {version}")
+                if dtype.hasobject:
+                    raise InvalidData(
+                        f"array {key!r} in {path.name!r} is an object (pickled) array: only "
+                        "numeric arrays are accepted", details={"input": key})
+                claimed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                if claimed > info.file_size:
+                    raise InvalidData(
+                        f"array {key!r} in {path.name!r} claims shape {tuple(shape)} "
+                        f"({claimed} bytes) but holds {info.file_size} bytes",
+                        details={"input": key})
+    except InvalidData:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise InvalidData(f"{path.name!r} is not a readable .npz file: {e}") from e
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -307,10 +341,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def inspect_dataset(path: Path, model_inputs: Sequence[TensorSpec]) -> DatasetInfo:
-    """Validate like load_dataset (min_samples=1) and summarise; input specs carry real shapes."""
+def inspect_dataset(
+    path: Path, model_inputs: Sequence[TensorSpec], *, min_samples: int = 1
+) -> DatasetInfo:
+    """Validate like load_dataset and summarise; the input specs carry the real shapes."""
     path = Path(path)
-    ds = load_dataset(path, model_inputs, min_samples=1)
+    ds = load_dataset(path, model_inputs, min_samples=min_samples)
     specs = tuple(TensorSpec(k, tuple(int(d) for d in v.shape), str(v.dtype))
                   for k, v in ds.inputs.items())
     num_classes = None
