@@ -312,6 +312,22 @@ def _strict_torch_artifacts() -> Iterator[None]:
             serialize.deserialize_torch_artifact = original
 
 
+def _register_ops_used(path: Path) -> None:
+    """Import the (trusted, installed) libraries that define the custom ops the graph names.
+
+    A fresh process knows only aten; PT2E-quantized programs (ours included) call
+    ``quantized_decomposed`` ops and torchao programs ``torchao`` ops, which exist only after
+    their Python modules are imported. Nothing from the archive is executed here.
+    """
+    with zipfile.ZipFile(path) as zf:
+        graphs = b"".join(zf.read(n) for n in zf.namelist()
+                          if re.search(r"/models/[^/]+\.json$", n))
+    if b"torch.ops.quantized_decomposed." in graphs:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+    if b"torch.ops.torchao." in graphs:
+        import torchao  # noqa: F401
+
+
 def load_pt2(path: Path) -> torch.export.ExportedProgram:
     """check_pt2_archive, then torch.export.load with strict (weights_only) sample inputs.
 
@@ -320,6 +336,7 @@ def load_pt2(path: Path) -> torch.export.ExportedProgram:
     """
     path = Path(path)
     check_pt2_archive(path)
+    _register_ops_used(path)
     try:
         with _strict_torch_artifacts():
             ep = torch.export.load(path)
