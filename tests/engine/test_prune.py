@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
 import torch
 from torch import nn
+from torch.fx import GraphModule
 
 from app.engine.errors import InvalidRecipe
 from app.engine.graph import modularize
@@ -53,6 +55,15 @@ def _program(name: str) -> tuple[torch.export.ExportedProgram, torch.Tensor]:
     return ep, x
 
 
+@functools.cache  # shared by several tests, which only read it
+def _half(name: str) -> tuple[GraphModule, nn.Module, dict[str, torch.Tensor]]:
+    """(modularized input, its ratio-0.5 prune, the input's state before pruning)."""
+    ep, x = _program(name)
+    gm = modularize(ep)
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    return gm, prune(gm, (x,), PruneConfig(ratio=0.5)), state
+
+
 @functools.cache
 def _trained_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     x, y = digits(8)
@@ -62,10 +73,8 @@ def _trained_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_structured_half_shrinks_and_reexports(name: str) -> None:
-    ep, x = _program(name)
-    gm = modularize(ep)
-    state = {k: v.clone() for k, v in gm.state_dict().items()}
-    pruned = prune(gm, (x,), PruneConfig(ratio=0.5))
+    _, x = _program(name)
+    gm, pruned, state = _half(name)
 
     assert _n(pruned) <= MAX_KEPT[name] * _n(gm)
     with torch.no_grad():
@@ -90,30 +99,27 @@ def test_structured_half_shrinks_and_reexports(name: str) -> None:
 
 
 def test_transformer_keeps_attention_and_embedding_width() -> None:
-    ep, x = _program("TinyEncoder")
-    gm = modularize(ep)
+    gm, pruned, _ = _half("TinyEncoder")
     kept = {n for n, m in gm.named_modules() if any(m is u for u in unsafe_layers(gm))}
     assert kept == {
         "embed", "head",
         "layers.0.attn.in_proj", "layers.0.attn.out_proj", "layers.0.fc2",
         "layers.1.attn.in_proj", "layers.1.attn.out_proj", "layers.1.fc2",
     }
-    w = _widths(prune(gm, (x,), PruneConfig(ratio=0.5)))
+    w = _widths(pruned)
     assert w["layers.0.fc1"] == w["layers.1.fc1"] == 128  # FFN 256 -> 128
     assert w["embed"] == w["layers.0.fc2"] == w["layers.0.attn.out_proj"] == 64
     assert w["layers.0.attn.in_proj"] == 192
 
 
 def test_cnn_coupling_residual_concat_depthwise() -> None:
-    ep, x = _program("DWCNN")
-    w = _widths(prune(modularize(ep), (x,), PruneConfig(ratio=0.5)))
+    w = _widths(_half("DWCNN")[1])
     # residual: stem and the first block's projection share one width
     assert w["stem.0"] == w["blocks.0.body.6"] == 16
     # depthwise conv follows its expansion conv
     for b in range(3):
         assert w[f"blocks.{b}.body.0"] == w[f"blocks.{b}.body.3"]
-    ep, x = _program("ResCNN")
-    w = _widths(prune(modularize(ep), (x,), PruneConfig(ratio=0.5)))
+    w = _widths(_half("ResCNN")[1])
     assert w["branch_a"] == w["branch_b"] == 16  # both sides of the concat pruned
     assert w["stem.0"] == w["block1.conv2"] and w["down.0"] == w["block2.conv2"]
 
@@ -144,8 +150,8 @@ def test_plain_module_input_is_exported_and_left_untouched() -> None:
 
 
 def test_pruned_model_is_trainable() -> None:
-    ep, x = _program("ResCNN")
-    pruned = prune(modularize(ep), (x,), PruneConfig(ratio=0.5))
+    _, x = _program("ResCNN")
+    pruned = copy.deepcopy(_half("ResCNN")[1])
     pruned.train()
     pruned(x).square().mean().backward()
     assert all(p.grad is not None for p in pruned.parameters())
@@ -163,7 +169,7 @@ def test_taylor_differs_from_l2_on_trained_model() -> None:
     def kept_rows(pruned: nn.Module) -> set[int]:
         w = pruned.get_submodule("fc1").weight
         assert isinstance(w, torch.Tensor)
-        rows = model.fc1.weight
+        rows = model.get_submodule("fc1").weight
         return {int((rows - r).abs().sum(1).argmin()) for r in w}
 
     assert _widths(l2)["fc1"] == _widths(taylor)["fc1"] == 32
