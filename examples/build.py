@@ -54,7 +54,8 @@ def build(out: Path, *, arch: str = "rescnn", size: int = 16, epochs: int = 8,
     with torch.no_grad():
         acc = float((model(x).argmax(1) == y).float().mean())
     name = export_model(model, x[:2], out / "model.pt2")
-    np.savez(out / "data.npz", **{name: x.numpy(), "labels": y.numpy()})
+    arrays: dict[str, np.ndarray] = {name: x.numpy(), "labels": y.numpy()}
+    np.savez(out / "data.npz", **arrays)  # type: ignore[arg-type]
     return out / "model.pt2", out / "data.npz", acc
 
 

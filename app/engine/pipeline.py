@@ -85,7 +85,8 @@ def _has_depthwise(model: nn.Module) -> bool:
 def _linear_heavy(model: nn.Module) -> bool:
     """More Linear than Conv weight parameters: a transformer / MLP, where dynamic int8 fits."""
     lin = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d))
+    conv = sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d))
     return lin > conv
 
 
@@ -175,7 +176,6 @@ class StageEvaluator:
         clock: _Clock,
     ) -> None:
         from app.engine.stages.evaluate import make_session, run_onnx
-
         from app.engine.stages.export import export_onnx
 
         self.teacher = teacher
@@ -227,13 +227,14 @@ class StageEvaluator:
             per_class_accuracy=per_class, agreement=agreement,
         )
 
-    def measure(self, built: Sequence[Built]) -> list[Metrics]:  # type: ignore[override]
+    def measure(self, built: Sequence[Built]) -> list[Metrics]:
         from app.engine.stages.evaluate import latency_ms, make_session
 
         threads = self.constraints.threads
         sessions = [make_session(b.onnx_path, threads=threads) for b in built]
-        self.clock.progress("evaluate", 0.1, f"timing {len(sessions)} candidate(s) side by side "
-                            f"with the baseline (batch {self.constraints.batch_size}, {threads} threads)")
+        self.clock.progress("evaluate", 0.1,
+                            f"timing {len(sessions)} candidate(s) side by side with the baseline"
+                            f" (batch {self.constraints.batch_size}, {threads} threads)")
         lat = latency_ms([self._base_sess, *sessions], self._feed())
         base_p50 = lat[0][0]
         out: list[Metrics] = []
@@ -249,7 +250,7 @@ class StageEvaluator:
 
     def _path(self, recipe: Recipe, tag: str) -> Path:
         self._n += 1
-        return self.workdir / (f"cand{self._n:03d}_p{int(round(recipe.prune_ratio * 100)):02d}"
+        return self.workdir / (f"cand{self._n:03d}_p{round(recipe.prune_ratio * 100):02d}"
                                f"_{recipe.quant}_{tag}.onnx")
 
     def _calib(self) -> list[tuple[torch.Tensor, ...]]:
@@ -295,7 +296,7 @@ class StageEvaluator:
                           importance=recipe.importance, round_to=recipe.round_to)
         return prune(self.teacher, self.example_inputs, cfg, grad_batches=grad_batches)
 
-    def build(self, recipe: Recipe) -> Built:  # type: ignore[override]
+    def build(self, recipe: Recipe) -> Built:
         from app.engine.stages.quantize import quantize_static
 
         if not 0.0 <= recipe.prune_ratio <= 0.95:
@@ -309,9 +310,8 @@ class StageEvaluator:
             return self._export(recipe, pruned, "ptq", q)
         return self._export(recipe, pruned, "ptq")
 
-    def distill(self, built: Built, epochs: int, time_budget_s: float) -> Built:  # type: ignore[override]
+    def distill(self, built: Built, epochs: int, time_budget_s: float) -> Built:
         from app.engine.stages.distill import DistillConfig, distill
-
         from app.engine.stages.quantize import convert, prepare_qat
 
         recipe = built.recipe
@@ -385,7 +385,8 @@ def _run(
     check_pt2_archive(model_path)
     ep = load_pt2(model_path)
     specs = _input_specs(ep)
-    clock.progress("load", 0.4, f"model inputs: {', '.join(f'{s.name}{list(s.shape)}' for s in specs)}")
+    names = ", ".join(f"{s.name}{list(s.shape)}" for s in specs)
+    clock.progress("load", 0.4, f"model inputs: {names}")
     data = load_dataset(data_path, specs)
     if eval_data_path is not None:
         holdout = load_dataset(Path(eval_data_path), specs)
@@ -404,7 +405,7 @@ def _run(
     search_deadline = clock.deadline - min(EXPORT_RESERVE_S, 0.2 * c.time_budget_s)
     outcome: Outcome
     if spec.recipe is not None:
-        recipe = replace(spec.recipe, seed=spec.seed) if spec.recipe.seed != spec.seed else spec.recipe
+        recipe = replace(spec.recipe, seed=spec.seed)
         clock.progress("prune", 0.0, f"explicit recipe: {recipe.to_dict()}")
         outcome = run_recipe(ev, recipe, c, deadline=search_deadline)
     else:

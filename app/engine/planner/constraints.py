@@ -29,7 +29,8 @@ def check(metrics: Metrics, baseline: Metrics, constraints: Constraints) -> list
     size_mb = metrics.size_bytes / MB
     if constraints.max_size_mb is not None and size_mb > constraints.max_size_mb:
         reasons.append(f"size {size_mb:.3f} MB > max {constraints.max_size_mb:g} MB")
-    if constraints.max_latency_ms is not None and metrics.latency_p50_ms > constraints.max_latency_ms:
+    max_ms = constraints.max_latency_ms
+    if max_ms is not None and metrics.latency_p50_ms > max_ms:
         reasons.append(
             f"latency p50 {metrics.latency_p50_ms:.3f} ms > max {constraints.max_latency_ms:g} ms"
             f" (batch {constraints.batch_size}, {constraints.threads} threads)"
@@ -50,7 +51,8 @@ def never_worse_reasons(metrics: Metrics, baseline: Metrics) -> list[str]:
     reasons: list[str] = []
     if metrics.size_bytes >= baseline.size_bytes:
         reasons.append(
-            f"not smaller than the fp32 baseline ({metrics.size_bytes} >= {baseline.size_bytes} bytes)"
+            f"not smaller than the fp32 baseline"
+            f" ({metrics.size_bytes} >= {baseline.size_bytes} bytes)"
         )
     if baseline.latency_p50_ms > 0 and (
         metrics.latency_p50_ms > baseline.latency_p50_ms * (1.0 - SLOWER_TOLERANCE)

@@ -48,26 +48,21 @@ from app.engine.types import (
 LATENCY_BUCKET = 0.10  # relative width of the latency buckets used for ranking
 
 
-class Built(Protocol):
-    """A materialised candidate: the evaluator decides what it holds (model, ONNX path, ...)."""
-
-    recipe: Recipe
-
-
 class Evaluator(Protocol):
     """What the planner needs from the stages; ``pipeline.StageEvaluator`` is the real one."""
 
     baseline: Metrics
 
-    def build(self, recipe: Recipe) -> Built:
+    # A "built" candidate is whatever the evaluator returns (it has a ``.recipe``).
+    def build(self, recipe: Recipe) -> Any:
         """Prune (no training) + quantize (calibration) + export ONNX."""
         ...
 
-    def measure(self, built: Sequence[Built]) -> list[Metrics]:
+    def measure(self, built: Sequence[Any]) -> list[Metrics]:
         """Size, quality on held-out data, latency side by side with the baseline."""
         ...
 
-    def distill(self, built: Built, epochs: int, time_budget_s: float) -> Built:
+    def distill(self, built: Any, epochs: int, time_budget_s: float) -> Any:
         """Quantization-aware KD of ``built``'s pruned model; returns the converted candidate."""
         ...
 
@@ -151,7 +146,9 @@ def pareto_front(candidates: Sequence[Candidate]) -> list[int]:
     return front
 
 
-def choose(candidates: Sequence[Candidate], baseline: Metrics, constraints: Constraints) -> tuple[str, int]:
+def choose(
+    candidates: Sequence[Candidate], baseline: Metrics, constraints: Constraints
+) -> tuple[str, int]:
     """Best feasible candidate by the objective, else the closest one (status says which)."""
     feasible = [i for i, c in enumerate(candidates) if c.feasible]
     if feasible:
@@ -215,7 +212,8 @@ def search(
                             + "; ".join(s["error"] for s in skipped))
     progress("evaluate", 0.0, f"measuring {len(built)} candidates side by side with the baseline")
     metrics = ev.measure(built)
-    candidates = [_candidate(b.recipe, m, baseline, constraints, False) for b, m in zip(built, metrics, strict=True)]
+    candidates = [_candidate(b.recipe, m, baseline, constraints, False)
+                  for b, m in zip(built, metrics, strict=True)]
     progress("evaluate", 1.0, f"{sum(c.feasible for c in candidates)} of {len(candidates)} "
              "candidates feasible without training")
 
@@ -237,7 +235,7 @@ def search(
         progress("distill", 0.0, f"distilling prune {candidates[i].recipe.prune_ratio:.0%} "
                  f"{candidates[i].recipe.quant} (budget {budget:.0f} s)")
         b2 = ev.distill(built[i], space.distill_epochs, budget)
-        distilled += 1
+        distilled += 1  # noqa: SIM113 (counts distillations, not loop steps)
         m2 = ev.measure([b2])[0]
         c2 = _candidate(b2.recipe, m2, baseline, constraints, True)
         candidates.append(c2)
