@@ -172,3 +172,20 @@ def test_evaluate_onnx_metrics(mlp_onnx: Path, mlp_model: nn.Module, digits_ds: 
     m2 = evaluate_onnx(mlp_onnx, unlabeled, ref, latency=(1.0, 2.0))
     assert (m2.quality_kind, m2.latency_p50_ms, m2.latency_p95_ms) == ("agreement", 1.0, 2.0)
     assert m2.quality == m2.agreement and m2.quality > 0.999
+
+
+def test_static_batch_model_is_padded(engine_dir: Path, digits_ds: Dataset) -> None:
+    torch.manual_seed(1)
+    model = SmallCNN().eval()
+    path = engine_dir / "cnn_static" / "cnn.onnx"
+    path.parent.mkdir()
+    torch.onnx.export(model, (torch.randn(4, 1, 8, 8),), str(path), dynamo=True)  # batch fixed 4
+    assert make_session(path).get_inputs()[0].shape[0] == 4
+    ds = digits_ds.take(10)  # 4 + 4 + 2 (padded to 4, padding dropped)
+    out = run_onnx(path, ds, batch_size=64)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ds.inputs["x"])).numpy()
+    assert out.shape == (10, 10)
+    assert float(np.abs(out - ref).max()) < 1e-5
+    m = evaluate_onnx(path, ds, ref, batch_size=1, threads=1)
+    assert m.macs == CNN_MACS and m.quality_kind == "accuracy"
