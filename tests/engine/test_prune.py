@@ -223,3 +223,32 @@ def test_ratio_zero_is_an_exact_copy() -> None:
 def test_bad_config_is_rejected(kwargs: dict[str, object]) -> None:
     with pytest.raises(InvalidRecipe):
         PruneConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_raw_exported_module_is_accepted() -> None:
+    ep, x = _program("ResCNN")
+    pruned = prune(ep.module(), (x,), PruneConfig(ratio=0.5))
+    assert _widths(pruned) == _widths(_half("ResCNN")[1])
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), _half("ResCNN")[1](x), atol=1e-5, rtol=0)
+
+
+def test_progress_is_reported_and_cancellable() -> None:
+    from app.engine.errors import Cancelled
+
+    ep, x = _program("DWCNN")
+    gm = modularize(ep)
+    seen: list[tuple[str, float]] = []
+
+    def record(stage: str, frac: float, msg: str) -> None:
+        seen.append((stage, frac))
+
+    prune(gm, (x,), PruneConfig(ratio=0.5), on_progress=record)
+    assert seen[0] == ("prune", 0.0) and seen[-1] == ("prune", 1.0)
+
+    def cancel(stage: str, frac: float, msg: str) -> None:
+        if frac >= 0.6:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        prune(gm, (x,), PruneConfig(ratio=0.5), on_progress=cancel)

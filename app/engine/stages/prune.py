@@ -27,7 +27,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from app.engine.errors import InvalidModel, InvalidRecipe
+from app.engine.errors import EngineError, InvalidModel, InvalidRecipe
 from app.engine.graph import modularize_module
 from app.engine.types import Importance, ProgressFn, PruneMode
 
@@ -97,32 +97,47 @@ def prune(
     ignored = unsafe_layers(net) if isinstance(net, GraphModule) else _last_layers(net)
     report(_STAGE, 0.2, f"{len(ignored)} layers kept at full width")
     importance = _importance(config, net, grad_batches)
-    with warnings.catch_warnings():
-        # Non-layer parameters (a positional embedding) make TP warn that it would prune
-        # their last axis; the ignore analysis above keeps them out of every pruned group.
-        warnings.simplefilter("ignore")
-        pruner = tp.pruner.BasePruner(
-            net,
-            example_inputs,
-            importance=importance,
-            pruning_ratio=config.ratio,
-            pruning_ratio_dict=_layer_ratios(net, ignored, config),
-            ignored_layers=ignored,
-            round_to=config.round_to if config.round_to > 1 else None,
-            global_pruning=False,
-        )
-    if isinstance(importance, tp.importance.GroupTaylorImportance):
-        report(_STAGE, 0.4, "taylor: accumulating gradients")
-        if not _accumulate_grads(net, grad_batches or ()):
-            pruner.importance = tp.importance.GroupMagnitudeImportance(p=2)
-    report(_STAGE, 0.6, "removing channels")
-    with torch.no_grad():
-        pruner.step()
+    try:
+        with warnings.catch_warnings():
+            # Non-layer parameters (a positional embedding) make TP warn that it would prune
+            # their last axis; the ignore analysis above keeps them out of every pruned group.
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.BasePruner(
+                net,
+                example_inputs,
+                importance=importance,
+                pruning_ratio=config.ratio,
+                pruning_ratio_dict=_layer_ratios(net, ignored, config),
+                ignored_layers=ignored,
+                round_to=config.round_to if config.round_to > 1 else None,
+                global_pruning=False,
+            )
+        if isinstance(importance, tp.importance.GroupTaylorImportance):
+            report(_STAGE, 0.4, "taylor: accumulating gradients")
+            if not _accumulate_grads(net, grad_batches or ()):
+                pruner.importance = tp.importance.GroupMagnitudeImportance(p=2)
+        report(_STAGE, 0.6, "removing channels")
+        with torch.no_grad():
+            pruner.step()
+    except EngineError:
+        raise
+    except Exception as exc:  # Torch-Pruning on a graph it cannot follow
+        raise InvalidRecipe(
+            f"structured pruning failed on this model ({type(exc).__name__}: {exc}); "
+            "use mode='unstructured' or ratio 0",
+            details={"stage": _STAGE},
+        ) from exc
     net.zero_grad(set_to_none=True)
     if isinstance(net, GraphModule):
         net.recompile()
     net.eval()
-    out_after = _output_shapes(net, example_inputs)
+    try:
+        out_after = _output_shapes(net, example_inputs)
+    except Exception as exc:  # a width baked into the graph that the analysis missed
+        raise InvalidRecipe(
+            f"the pruned model no longer runs ({type(exc).__name__}: {exc})",
+            details={"stage": _STAGE},
+        ) from exc
     if out_after != out_before:  # a guard: the ignore analysis must make this impossible
         raise InvalidRecipe(
             f"pruning changed the output shapes {out_before} -> {out_after}",
