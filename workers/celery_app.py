@@ -25,6 +25,15 @@ def _ensure_broker_dir(url: str) -> None:
         Path(url.removeprefix(prefix)).parent.mkdir(parents=True, exist_ok=True)
 
 
+def _transport_options(settings: Settings) -> dict[str, object]:
+    if settings.broker_url.startswith(("redis", "rediss", "sentinel", "sqs")):
+        return {"visibility_timeout": settings.broker_visibility_timeout_s}
+    # kombu's SQLAlchemy transport hands its options to create_engine (visibility_timeout
+    # would be rejected). It has no visibility timeout: unacked messages are restored when the
+    # worker shuts down cleanly; after a hard crash the reconciler re-sends the queued job.
+    return {}
+
+
 def create_celery(settings: Settings) -> Celery:
     _ensure_broker_dir(settings.broker_url)
     app = Celery("modelpress", broker=settings.broker_url, include=["workers.tasks"])
@@ -39,7 +48,7 @@ def create_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.job_soft_time_limit_s,
         task_time_limit=settings.job_hard_time_limit_s,
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,  # seconds; /readyz and publishing must not hang
         task_queues=(Queue("cpu"), Queue("gpu")),
