@@ -112,7 +112,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         inspect_zip(path, max_uncompressed_bytes=MAX_DATA_BYTES, what="npz file")
     except EngineError as e:  # same structural checks, reported as a data problem
-        raise InvalidData(e.message.replace("npz file", f"data file {path.name!r}", 1),
+        raise InvalidData(e.message.replace("npz file", "data file", 1),
                           details=e.details) from e
     _check_npy_headers(path)
     arrays: dict[str, np.ndarray] = {}
@@ -316,7 +316,8 @@ def validate_arrays(
         raise InputMismatch(
             f"input {name!r}: expected at least {min_samples} samples, found {samples}",
             details={"input": name, "expected": min_samples, "found": samples})
-    labels = _check_labels(arrays[LABELS], samples) if LABELS in arrays else None
+    has_labels = LABELS in arrays and LABELS not in expected  # an input may be named "labels"
+    labels = _check_labels(arrays[LABELS], samples) if has_labels else None
     return Dataset(inputs, labels)
 
 

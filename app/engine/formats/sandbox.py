@@ -226,22 +226,29 @@ def inspect_model(path: Path, *, timeout_s: float = 120, memory_mb: int = 4096) 
     code = (f"import sys; sys.path.insert(0, {_ROOT!r}); "
             "from app.engine.formats.sandbox import _child_main; _child_main()")
     with tempfile.TemporaryDirectory(prefix="mp-sandbox-") as tmp:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", code, str(path), fmt, str(memory_mb),
-             str(max(1, int(timeout_s)) + 5)],
-            cwd=tmp, env=_child_env(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True,
-        )
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            raise LoaderCrashed(f"model loader timed out after {timeout_s:g} s on {path.name!r}",
-                                details={"timeout_s": timeout_s}) from None
-        finally:
-            if proc.poll() is None:
+        # Output goes to files, not pipes: the child's RLIMIT_FSIZE bounds them, so a chatty
+        # or hostile child cannot fill the parent's memory.
+        out_path, err_path = Path(tmp) / ".stdout", Path(tmp) / ".stderr"
+        with out_path.open("wb") as out_f, err_path.open("wb") as err_f:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", code, str(path), fmt, str(memory_mb),
+                 str(max(1, int(timeout_s)) + 5)],
+                cwd=tmp, env=_child_env(tmp), stdin=subprocess.DEVNULL, stdout=out_f,
+                stderr=err_f, start_new_session=True,
+            )
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
                 _kill_group(proc)
+                proc.wait()
+                raise LoaderCrashed(
+                    f"model loader timed out after {timeout_s:g} s on {path.name!r}",
+                    details={"timeout_s": timeout_s}) from None
+            finally:
+                if proc.poll() is None:
+                    _kill_group(proc)
+                    proc.wait()
+        out, err = _tail(out_path), _tail(err_path)
     result = _parse_result(out)
     if result is None:
         how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
@@ -270,6 +277,16 @@ def inspect_model(path: Path, *, timeout_s: float = 120, memory_mb: int = 4096) 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _tail(path: Path, limit: int = 1 << 20) -> bytes:
+    """Last ``limit`` bytes of a file (the result line is the last line of stdout)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - limit))
+            return f.read()
+    except OSError:
+        return b""
 
 
 def _parse_result(out: bytes) -> dict[str, Any] | None:
