@@ -109,9 +109,10 @@ def embedded_env(tmp: Path) -> dict[str, str]:
 
 
 def settings_from_env(env: dict[str, str], **overrides: object) -> Settings:
-    values = {k.removeprefix("MODELPRESS_").lower(): v for k, v in env.items()}
+    values: dict[str, object] = {k.removeprefix("MODELPRESS_").lower(): v
+                                 for k, v in env.items()}
     values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+    return Settings.model_validate(values)
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,11 @@ every read scoped to the key's tenant (another tenant's id is a 404)."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from httpx import Response
 from sqlalchemy import select
 
 from app.config import Settings
@@ -20,10 +22,10 @@ from tests.service.conftest import new_key
 pytestmark = pytest.mark.service
 
 
-def _problem(resp, status: int, code: str) -> dict:  # type: ignore[no-untyped-def]
+def _problem(resp: Response, status: int, code: str) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/problem+json")
-    body = resp.json()
+    body: dict[str, Any] = resp.json()
     assert body["code"] == code and body["status"] == status
     return body
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,11 +34,12 @@ def _tmp_empty(settings: Settings) -> bool:
     return not settings.tmp_dir.exists() or not any(settings.tmp_dir.iterdir())
 
 
-def upload_model(client: TestClient, auth: dict[str, str], path: Path) -> dict:  # type: ignore[type-arg]
+def upload_model(client: TestClient, auth: dict[str, str], path: Path) -> dict[str, Any]:
     r = client.post(f"/v1/models?filename={path.name}", content=path.read_bytes(),
                     headers={**auth, "Content-Type": "application/octet-stream"})
     assert r.status_code == 201, r.text
-    return r.json()  # type: ignore[no-any-return]
+    body: dict[str, Any] = r.json()
+    return body
 
 
 def test_upload_model_records_signature(client: TestClient, auth: dict[str, str],
