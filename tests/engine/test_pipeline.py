@@ -66,8 +66,7 @@ def test_end_to_end_artifacts_parity_and_manifest(
     assert r.best.metrics.size_bytes == (out / "model.onnx").stat().st_size
     assert r.best.metrics.size_bytes < r.baseline.size_bytes / 2.5
     # ORT on model.onnx matches the chosen torch model (model.pt2 loads with torch.export.load).
-    x, y = digits(8)
-    probe = x[:64]
+    probe = digits(8)[0][:64]
     torch_out = torch.export.load(str(out / "model.pt2")).module()(probe).detach().numpy()
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     ort_out = sess.run(None, {sess.get_inputs()[0].name: probe.numpy()})[0]
