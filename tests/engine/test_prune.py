@@ -252,3 +252,18 @@ def test_progress_is_reported_and_cancellable() -> None:
 
     with pytest.raises(Cancelled):
         prune(gm, (x,), PruneConfig(ratio=0.5), on_progress=cancel)
+
+
+def test_static_batch_program_is_reported_not_hidden() -> None:
+    from app.engine.errors import InvalidModel
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 16, 16)
+    # exported without a dynamic batch: attention reshapes bake the batch size 4 in
+    gm = modularize(torch.export.export(TinyEncoder().eval(), (x,)))
+    ep = reexport(gm, (x,))
+    assert not has_dynamic_batch(ep)
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(x), gm(x), atol=1e-6, rtol=0)
+    with pytest.raises(InvalidModel):
+        reexport(gm, (x,), strict=True)

@@ -223,7 +223,10 @@ def _working_copy(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
             n.op == "call_module" and n.target == "_guards_fn" for n in model.graph.nodes
         ):
             return modularize_module(model)  # builds fresh tensors
-        return copy.deepcopy(model)
+        with warnings.catch_warnings():
+            # torch's own pytree spec (kept for the call signature) warns on deepcopy
+            warnings.simplefilter("ignore", FutureWarning)
+            return copy.deepcopy(model)
     training = model.training
     model.eval()
     try:
