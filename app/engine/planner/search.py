@@ -189,6 +189,7 @@ def search(
     grid = space.grid(seed)
     built: list[Any] = []
     skipped: list[dict[str, str]] = []
+    build_s: list[float] = []  # seconds per cheap build: estimates convert + export after KD
     for k, recipe in enumerate(grid):
         if built and clock() > deadline:
             skipped.extend({"recipe": str(r.to_dict()), "error": "not built: time budget"}
@@ -196,8 +197,10 @@ def search(
             break
         progress("prune", k / len(grid), f"candidate {k + 1}/{len(grid)}: prune "
                  f"{recipe.prune_ratio:.0%}, quant {recipe.quant}")
+        t0 = clock()
         try:
             built.append(ev.build(recipe))
+            build_s.append(clock() - t0)
         except Exception as e:  # one grid point failing to build must not sink the search
             from app.engine.errors import Cancelled, TimeBudgetExceeded
 
@@ -225,13 +228,14 @@ def search(
     for i in order:
         if candidates[i].feasible:
             break  # best by the objective among the rest: nothing later can beat it
-        remaining = deadline - clock()
+        # After training: convert + export + measure, about two cheap builds' worth.
+        after_s = 2.0 * sorted(build_s)[len(build_s) // 2] if build_s else 0.0
+        remaining = deadline - clock() - after_s
         if distilled >= space.max_distill or remaining < space.min_distill_s:
             break
-        # Leave time for the ones after it: half of what is left, at least min_distill_s.
-        budget = max(space.min_distill_s, remaining * 0.5 if distilled + 1 < space.max_distill
-                     else remaining)
-        budget = min(budget, remaining)
+        # Leave time for the ones after it: half of what is left unless it is the last one.
+        last = distilled + 1 >= space.max_distill
+        budget = remaining if last else max(space.min_distill_s, remaining * 0.5)
         progress("distill", 0.0, f"distilling prune {candidates[i].recipe.prune_ratio:.0%} "
                  f"{candidates[i].recipe.quant} (budget {budget:.0f} s)")
         b2 = ev.distill(built[i], space.distill_epochs, budget)
