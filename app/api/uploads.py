@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,21 @@ WRITE_BYTES = 1024 * 1024  # buffer this much before a write: fewer syscalls, bo
 
 @dataclass
 class Received:
+    """A streamed upload in its own temp directory (``discard`` removes both)."""
+
     path: Path
     size: int
     sha256: str
     head: bytes  # first bytes, to sniff the format when there is no file name
+
+    def rename(self, name: str) -> Path:
+        """Give the file its user-facing name (error messages of the loaders quote it)."""
+        target = self.path.with_name(name)
+        self.path = self.path.rename(target)
+        return self.path
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
 def filename_from(request: Request, query_name: str | None) -> str | None:
@@ -45,8 +57,8 @@ async def receive_to_file(request: Request, cap_bytes: int, tmp_dir: Path | None
                               f"{cap_bytes} bytes")
     if tmp_dir is not None:
         tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=tmp_dir)
-    path = Path(name)
+    path = Path(tempfile.mkdtemp(prefix="upload-", dir=tmp_dir)) / f"upload{suffix}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     digest, size, head = hashlib.sha256(), 0, b""
     buf = bytearray()
     try:
@@ -68,7 +80,7 @@ async def receive_to_file(request: Request, cap_bytes: int, tmp_dir: Path | None
             if buf:
                 await run_in_threadpool(_consume, f, digest, bytes(buf))
     except BaseException:
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path.parent, ignore_errors=True)
         raise
     return Received(path=path, size=size, sha256=digest.hexdigest(), head=head)
 

@@ -73,6 +73,8 @@ class _Lease:
         self._last_write = 0.0  # monotonic seconds
         self._stage: str | None = None
         self._overall = 0.0
+        self._stage_started = time.monotonic()
+        self.stage_seconds: dict[str, float] = {}  # wall time per engine stage
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}",
                                         daemon=True)
 
@@ -114,6 +116,11 @@ class _Lease:
             overall = (STAGES.index(stage) + min(max(fraction, 0.0), 1.0)) / len(STAGES)
             self._overall = max(self._overall, min(overall, 0.99))
         changed = stage != self._stage
+        if changed and self._stage is not None:
+            self.stage_seconds[self._stage] = (self.stage_seconds.get(self._stage, 0.0)
+                                               + now - self._stage_started)
+        if changed:
+            self._stage_started = now
         if changed or now - self._last_write >= self.settings.progress_write_interval_s:
             self._stage = stage
             self._last_write = now
@@ -160,7 +167,8 @@ def _candidate_summary(c: Any) -> dict[str, Any]:
 
 
 def _store_outcome(sessions: sessionmaker[Session], store: ArtifactStore, inp: _Inputs,
-                   result: Result, out_dir: Path, worker_id: str) -> bool:
+                   result: Result, out_dir: Path, worker_id: str,
+                   stage_seconds: dict[str, float]) -> bool:
     files = dict(result.artifacts)
     if "report.json" not in files:
         p = out_dir / "report.json"
@@ -174,7 +182,11 @@ def _store_outcome(sessions: sessionmaker[Session], store: ArtifactStore, inp: _
                 job_id=inp.job_id, name=name, sha256=sha, size_bytes=size, storage_key=key,
                 content_type=CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream")))
             s.commit()
-    rows = [JobMetric(job_id=inp.job_id, kind="baseline", metrics=result.baseline.to_dict())]
+    rows = [JobMetric(job_id=inp.job_id, kind="stage", name=name[:64],
+                      metrics={"seconds": round(sec, 3)})
+            for name, sec in stage_seconds.items()]
+    rows.append(JobMetric(job_id=inp.job_id, kind="baseline",
+                          metrics=_json_safe(result.baseline.to_dict())))
     rows += [JobMetric(job_id=inp.job_id, kind="candidate", position=i,
                        recipe=c.recipe.to_dict(), metrics=_json_safe(c.metrics.to_dict()),
                        feasible=c.feasible, distilled=c.distilled, reasons=list(c.reasons))
@@ -188,6 +200,7 @@ def _store_outcome(sessions: sessionmaker[Session], store: ArtifactStore, inp: _
         "best": {**result.best.metrics.to_dict(), "recipe": result.best.recipe.to_dict(),
                  "feasible": result.best.feasible, "reasons": list(result.best.reasons)},
         "candidates": [_candidate_summary(c) for c in result.candidates],
+        "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
     })
     ok = result.status == "succeeded"
     with sessions() as s:
@@ -259,7 +272,9 @@ def run_job(job_id: str, worker_id: str, *, settings: Settings | None = None,
                 result = engine_run(model_path, data_path, inp.spec, out_dir,
                                     lease.on_progress, eval_data_path=eval_path)
                 lease.check()
-                _store_outcome(sessions, store, inp, result, out_dir, worker_id)
+                lease.on_progress("store", 0.0, "storing artifacts")  # closes the last stage
+                _store_outcome(sessions, store, inp, result, out_dir, worker_id,
+                               lease.stage_seconds)
         except LeaseLost:
             log.warning("job %s: lease lost, leaving it to its new owner", job_id)
         except Cancelled as e:

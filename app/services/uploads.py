@@ -34,7 +34,9 @@ def clean_filename(name: str | None) -> str | None:
     if not name:
         return None
     base = PurePosixPath(name.replace("\\", "/")).name.strip()
-    return base[:255] or None
+    if base in ("", ".", ".."):
+        return None
+    return base[:255]
 
 
 def model_format(filename: str | None, head: bytes) -> str:

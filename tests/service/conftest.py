@@ -202,8 +202,8 @@ def start_worker(env: dict[str, str], log: Path, timeout_s: float = 90) -> Worke
 
 def stop_worker(worker: Worker) -> None:
     if worker.proc.poll() is None:
-        # Our own process group (start_new_session): TERM then KILL the pool children too.
-        os.killpg(worker.proc.pid, signal.SIGTERM)
+        # Our own process group (start_new_session): QUIT then KILL the pool children too.
+        os.killpg(worker.proc.pid, signal.SIGQUIT)  # cold shutdown: tests leave no work
         try:
             worker.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:

@@ -127,6 +127,8 @@ def test_compress_download_and_run(stack: Stack, uploaded: tuple[str, str],
     best = job["metrics"]["best"]
     assert best["recipe"]["quant"] == "int8_static" and best["size_bytes"] > 0
     assert job["metrics"]["baseline"]["quality_kind"] == "accuracy"
+    stage_s = job["metrics"]["stage_seconds"]
+    assert {"load", "baseline"} <= set(stage_s) and sum(stage_s.values()) <= elapsed + 1, stage_s
 
     arts = {a["name"]: a for a in
             c.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["items"]}
@@ -154,7 +156,7 @@ def test_compress_download_and_run(stack: Stack, uploaded: tuple[str, str],
 
     report = c.get(f"/v1/jobs/{job['id']}/report", headers=auth)
     assert report.status_code == 200 and isinstance(report.json(), dict) and report.json()
-    print(f"\n[{stack.name}] job took {elapsed:.1f} s; int8 ONNX {len(d.content)} B; "
+    print(f"\n[{stack.name}] job took {elapsed:.1f} s {stage_s}; int8 {len(d.content)} B; "
           f"agreement {agreement:.3f}, accuracy {accuracy:.3f} vs fp32 {fp32_accuracy:.3f}")
 
 

@@ -46,7 +46,7 @@ async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDe
     UPLOAD_BYTES.labels("dataset").inc(received.size)
     try:
         fmt = data_format(name, received.head)
-        path = received.path.rename(received.path.with_suffix("." + fmt))
+        path = received.rename(name or f"data.{fmt}")
 
         def work() -> StoredResponse:
             try:
@@ -60,12 +60,9 @@ async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDe
                                           undo=lambda: discard(store, ds.storage_key))
             return resp
 
-        try:
-            result = await run_in_threadpool(work)
-        finally:
-            path.unlink(missing_ok=True)
+        result = await run_in_threadpool(work)
     finally:
-        received.path.unlink(missing_ok=True)
+        received.discard()
     return Response(result.body, status_code=result.status_code, headers=result.headers,
                     media_type="application/json")
 

@@ -46,7 +46,7 @@ async def upload_model(request: Request, tenant: TenantDep, session: SessionDep,
     UPLOAD_BYTES.labels("model").inc(received.size)
     try:
         fmt = model_format(name, received.head)
-        path = received.path.rename(received.path.with_suffix("." + fmt))
+        path = received.rename(name or f"model.{fmt}")
 
         def work() -> StoredResponse:
             try:
@@ -61,12 +61,9 @@ async def upload_model(request: Request, tenant: TenantDep, session: SessionDep,
                                           undo=lambda: discard(store, model.storage_key))
             return resp
 
-        try:
-            result = await run_in_threadpool(work)
-        finally:
-            path.unlink(missing_ok=True)
+        result = await run_in_threadpool(work)
     finally:
-        received.path.unlink(missing_ok=True)
+        received.discard()
     return Response(result.body, status_code=result.status_code, headers=result.headers,
                     media_type="application/json")
 
