@@ -67,24 +67,31 @@ def _spawn(name: str, cmd: list[str]) -> Child:
     return Child(name, proc)
 
 
-def _signal_group(child: Child, sig: signal.Signals) -> None:
+def _signal(child: Child, sig: signal.Signals, group: bool = False) -> None:
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(child.proc.pid, sig)
+        if group:
+            os.killpg(child.proc.pid, sig)
+        else:
+            child.proc.send_signal(sig)
 
 
 def stop(children: list[Child]) -> None:
-    """TERM everyone, then (worker) QUIT = cold shutdown, then KILL the process groups."""
-    for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGKILL):
+    """TERM (uvicorn: graceful; Celery: warm shutdown, finish the task), then QUIT (Celery:
+    cold shutdown, the task is redelivered), then KILL whatever is left of each group."""
+    for sig, group in ((signal.SIGTERM, False), (signal.SIGQUIT, False),
+                       (signal.SIGKILL, True)):
         alive = [c for c in children if c.proc.poll() is None]
         if not alive:
-            return
+            break
         for c in alive:
-            # uvicorn treats SIGQUIT like SIGTERM; Celery's prefork pool needs it to stop now.
-            _signal_group(c, sig)
+            # Only the leader: it stops its own pool / beat children in order.
+            _signal(c, sig, group)
         deadline = time.monotonic() + STOP_GRACE_S
         for c in alive:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 c.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    for c in children:  # stray grandchildren (a pool process that outlived its parent)
+        _signal(c, signal.SIGKILL, group=True)
 
 
 def _wait_ready(url: str, api: Child) -> bool:
