@@ -71,8 +71,10 @@ def stack(request: pytest.FixtureRequest,
             truncate_all(settings.database_url)
 
 
-def wait_for(stack: Stack, job_id: str, until: set[str], timeout_s: float = 240
+def wait_for(stack: Stack, job_id: str, until: set[str], timeout_s: float = 240,
+             stages: set[str] | None = None,
              ) -> tuple[dict[str, Any], list[tuple[str, str | None, float]]]:
+    """Poll until the status is in ``until`` (and, if given, the stage in ``stages``)."""
     seen: list[tuple[str, str | None, float]] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -80,7 +82,8 @@ def wait_for(stack: Stack, job_id: str, until: set[str], timeout_s: float = 240
         point = (job["status"], job["stage"], job["progress"])
         if not seen or seen[-1] != point:
             seen.append(point)
-        if job["status"] in until:
+        if job["status"] in until and (stages is None or job["stage"] in stages
+                                        or job["status"] in TERMINAL):
             return job, seen
         time.sleep(0.25)
     raise AssertionError(f"job {job_id} still {seen[-1:]} after {timeout_s} s; worker log:\n"
@@ -171,12 +174,56 @@ def test_cancel_running_job(stack: Stack, uploaded: tuple[str, str]) -> None:
         "constraints": {"batch_size": 64, "threads": 1, "time_budget_s": 600}})
     assert r.status_code == 202
     job_id = r.json()["id"]
-    job, _ = wait_for(stack, job_id, {"running", *TERMINAL}, timeout_s=120)
-    assert job["status"] == "running", job
-    time.sleep(1.0)
+    # Cancel inside the engine (distillation), not before it starts.
+    job, _ = wait_for(stack, job_id, {"running", *TERMINAL}, timeout_s=150, stages={"distill"})
+    assert job["status"] == "running" and job["stage"] == "distill", job
     t0 = time.monotonic()
     r = c.post(f"/v1/jobs/{job_id}:cancel", headers=auth)
     assert r.status_code == 200 and r.json()["cancel_requested"] is True
     job, _ = wait_for(stack, job_id, TERMINAL, timeout_s=120)
     assert job["status"] == "cancelled" and job["error"]["code"] == "cancelled", job
+    assert job["stage"] == "distill"
     print(f"\ncancel took effect after {time.monotonic() - t0:.1f} s (stage {job['stage']})")
+
+
+def test_reaper_tick_requeues_a_dead_workers_job(stack: Stack, uploaded: tuple[str, str],
+                                                 request: pytest.FixtureRequest) -> None:
+    """A job whose worker died (lease expired, no heartbeat) is requeued by the maintenance
+    task running in the real worker, and a live worker claims it as attempt 2."""
+    if stack.name != "postgres":
+        pytest.skip("the reaper is the same service code on both stacks")
+    from datetime import timedelta
+
+    from app.db.base import utcnow
+    from app.db.models import Job, Model
+    from app.db.session import session_factory
+    from workers.celery_app import create_celery
+
+    settings = request.getfixturevalue("settings")
+    model_id, dataset_id = uploaded
+    with session_factory(settings)() as s:
+        model = s.get(Model, model_id)
+        assert model is not None
+        past = utcnow() - timedelta(minutes=5)
+        job = Job(tenant_id=model.tenant_id, model_id=model_id, dataset_id=dataset_id,
+                  constraints={"batch_size": 64, "threads": 1, "time_budget_s": 600},
+                  recipe={**FAST_RECIPE, "prune_ratio": 0.5, "distill_epochs": 500},
+                  device="cpu", queue="cpu", status="running", attempt=1,
+                  lease_owner="dead-host:1:gone", lease_expires_at=past, heartbeat_at=past,
+                  started_at=past, enqueued_at=past)
+        s.add(job)
+        s.commit()
+        job_id = job.id
+    create_celery(settings).send_task("modelpress.maintenance.tick", queue="cpu")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        got = stack.client.get(f"/v1/jobs/{job_id}", headers=stack.auth).json()
+        if got["attempt"] == 2 and got["status"] == "running":
+            break
+        time.sleep(0.25)
+    else:
+        raise AssertionError(f"not re-claimed: {got}\n{stack.worker.output()[-2000:]}")
+    r = stack.client.post(f"/v1/jobs/{job_id}:cancel", headers=stack.auth)
+    assert r.status_code == 200
+    done, _ = wait_for(stack, job_id, TERMINAL, timeout_s=60)
+    assert done["status"] == "cancelled" and done["attempt"] == 2
