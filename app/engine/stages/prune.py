@@ -42,9 +42,11 @@ _STAGE = "prune"
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """ratio: fraction of channels removed per prunable group (structured) or of conv/linear
-    weights zeroed (unstructured), in [0, 0.95]. round_to: pruned widths stay multiples of
-    this (kernel-friendly); 1 or 0 disables rounding."""
+    """ratio: fraction of output channels removed from every prunable layer group
+    (structured) or of all conv/linear weights zeroed, ranked globally (unstructured);
+    in [0, 0.95]. round_to (structured): a pruned layer keeps the multiple of round_to
+    nearest to width * (1 - ratio), at least round_to channels, so a layer of 24 channels at
+    ratio 0.7 keeps 8 and one of 8 channels is never pruned; 0 or 1 disables rounding."""
 
     ratio: float
     mode: PruneMode = "structured"
@@ -94,7 +96,7 @@ def prune(
 
     before = _count_params(net)
     out_before = _output_shapes(net, example_inputs)
-    ignored = unsafe_layers(net) if isinstance(net, GraphModule) else _last_layers(net)
+    ignored = unsafe_layers(net)
     report(_STAGE, 0.2, f"{len(ignored)} layers kept at full width")
     importance = _importance(config, net, grad_batches)
     try:
@@ -128,8 +130,7 @@ def prune(
             details={"stage": _STAGE},
         ) from exc
     net.zero_grad(set_to_none=True)
-    if isinstance(net, GraphModule):
-        net.recompile()
+    net.recompile()
     net.eval()
     try:
         out_after = _output_shapes(net, example_inputs)
@@ -211,7 +212,9 @@ def _no_progress(stage: str, fraction: float, message: str) -> None:
     return None
 
 
-def _working_copy(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> nn.Module:
+def _working_copy(
+    model: nn.Module, example_inputs: tuple[torch.Tensor, ...]
+) -> GraphModule:
     """A private, module-ized copy: real layers, no storage shared with ``model``."""
     if isinstance(model, GraphModule):
         has_aten_layers = any(
@@ -272,14 +275,6 @@ def _output_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[t
         out = model(*inputs)
     flat = out if isinstance(out, (tuple, list)) else (out,)
     return [tuple(o.shape) for o in flat if isinstance(o, torch.Tensor)]
-
-
-def _last_layers(model: nn.Module) -> list[nn.Module]:
-    """Without a graph, protect only the last conv/linear layer (the usual output head)."""
-    layers: list[nn.Module] = [
-        m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
-    ]
-    return layers[-1:]
 
 
 # --------------------------------------------------------------------------------------------
