@@ -14,12 +14,16 @@ import platform
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from app.engine.stages.quantize import batch_dynamic_shapes, batch_examples, capture, set_training
+from app.engine.stages.quantize import batch_examples, capture, set_training
+
+if TYPE_CHECKING:
+    import onnx
 
 _CHUNK = 1 << 20  # bytes read per hash update
 
@@ -58,18 +62,27 @@ def export_onnx(
             ex,
             str(path),
             dynamo=True,
-            external_data=False,
-            dynamic_shapes=batch_dynamic_shapes(ex),
+            external_data=False,  # the batch dim is already symbolic in ``ep``
             opset_version=opset,
         )
-    if side.exists():
-        # Older exporters ignore external_data=False: inline the weights and drop the side file.
-        import onnx
+    # One file, no debug metadata: the exporter annotates every node with its Python stack
+    # trace and module path (a quarter of a small int8 file, and it leaks server paths).
+    import onnx
 
-        proto = onnx.load(str(path), load_external_data=True)
-        onnx.save(proto, str(path), save_as_external_data=False)
+    proto = onnx.load(str(path), load_external_data=True)
+    strip_metadata(proto)
+    onnx.save(proto, str(path), save_as_external_data=False)
+    if side.exists():  # exporters that ignore external_data=False
         side.unlink()
     return path
+
+
+def strip_metadata(proto: onnx.ModelProto) -> None:
+    """Drop per-node metadata/doc strings and intermediate value_info (shapes ORT re-infers)."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del proto.graph.value_info[:]
 
 
 def export_pt2(

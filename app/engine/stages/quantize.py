@@ -20,6 +20,7 @@ batch dimension so calibration and training batches may have any size.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import operator
 import warnings
@@ -45,14 +46,94 @@ def _quiet() -> contextlib.ExitStack:
 with _quiet(), contextlib.redirect_stdout(io.StringIO()):
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as _xiq
     from torchao.quantization.pt2e import (
+        disable_observer,
+        enable_observer,
         move_exported_model_to_eval,
         move_exported_model_to_train,
     )
+    from torchao.quantization.pt2e import qat_utils as _qat_utils
+    from torchao.quantization.pt2e import utils as _pt2e_utils
     from torchao.quantization.pt2e.quantize_pt2e import (
         convert_pt2e,
         prepare_pt2e,
         prepare_qat_pt2e,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed: torchao re-runs a strict torch.export of every rewrite pattern on every call. QAT
+# convert exports 102 conv-bn patterns (conv1d/2d/transpose x 12 variants x match/replacement):
+# ~15 s of CPU per convert on this machine, and every train()/eval() switch of an exported
+# graph exports the batch-norm patterns again. The pattern graphs depend only on the pattern
+# function (qualname + closure) and example shapes, so they are memoized per process, and
+# conv-bn folding runs only for the conv kinds the graph actually contains.
+
+_PATTERNS: dict[tuple[Any, ...], torch.fx.GraphModule] = {}
+_ORIG_PATTERN = _pt2e_utils._get_aten_graph_module_for_pattern
+_ORIG_FOLD_HELPER = _qat_utils._fold_conv_bn_qat_helper
+_CONV_OPS = {
+    torch.nn.functional.conv1d: torch.ops.aten.conv1d.default,
+    torch.nn.functional.conv2d: torch.ops.aten.conv2d.default,
+    torch.nn.functional.conv_transpose1d: torch.ops.aten.conv_transpose1d.default,
+    torch.nn.functional.conv_transpose2d: torch.ops.aten.conv_transpose2d.input,
+}
+
+
+def _pattern_key(pattern: Any, example_inputs: Any, is_cuda: bool, kwargs: dict[str, Any]) -> Any:
+    def sig(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return ("T", tuple(v.shape), str(v.dtype), str(v.device))
+        return v
+
+    fn = getattr(pattern, "fn", pattern)  # torchao wraps pattern functions in WrapperModule
+    if not callable(fn) or not hasattr(fn, "__code__"):
+        raise TypeError("not a plain pattern function")
+    cells = tuple(c.cell_contents for c in (fn.__closure__ or ()))
+    return (
+        fn.__code__,
+        cells,
+        fn.__defaults__,
+        tuple(sig(v) for v in example_inputs),
+        is_cuda,
+        tuple(sorted((k, sig(v)) for k, v in kwargs.items())),
+    )
+
+
+def _memo_pattern(
+    pattern: Any, example_inputs: Any, is_cuda: bool = False, **kwargs: Any
+) -> torch.fx.GraphModule:
+    try:
+        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        hash(key)
+    except Exception:  # unhashable closure: no memo
+        return _ORIG_PATTERN(pattern, example_inputs, is_cuda, **kwargs)
+    if key not in _PATTERNS:
+        _PATTERNS[key] = _ORIG_PATTERN(pattern, example_inputs, is_cuda, **kwargs)
+    return copy.deepcopy(_PATTERNS[key])  # the rewriter may touch the pattern graph
+
+
+def _fold_helper_if_present(
+    m: torch.fx.GraphModule, conv_fn: Any, example_inputs: Any, is_cuda: bool
+) -> torch.fx.GraphModule:
+    op = _CONV_OPS.get(conv_fn)
+    if op is not None and not any(n.target == op for n in m.graph.nodes):
+        return m
+    return _ORIG_FOLD_HELPER(m, conv_fn, example_inputs, is_cuda)
+
+
+@contextlib.contextmanager
+def _fast_patterns() -> Iterator[None]:
+    saved = (_pt2e_utils._get_aten_graph_module_for_pattern,
+             _qat_utils._get_aten_graph_module_for_pattern, _qat_utils._fold_conv_bn_qat_helper)
+    _pt2e_utils._get_aten_graph_module_for_pattern = _memo_pattern
+    _qat_utils._get_aten_graph_module_for_pattern = _memo_pattern
+    _qat_utils._fold_conv_bn_qat_helper = _fold_helper_if_present
+    try:
+        yield
+    finally:
+        (_pt2e_utils._get_aten_graph_module_for_pattern,
+         _qat_utils._get_aten_graph_module_for_pattern,
+         _qat_utils._fold_conv_bn_qat_helper) = saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,15 +174,19 @@ def set_training(model: nn.Module, mode: bool) -> nn.Module:
 
     ``ExportedProgram.module()`` and PT2E-prepared graphs refuse ``train()`` / ``eval()``;
     torchao's helpers rewrite the batch-norm and dropout ops in their graph instead.
+    Fake-quant observers (QAT) follow the mode too: ranges are learned in training only, so
+    evaluating a QAT student on held-out data does not move its quantization ranges.
     """
     try:
         model.train(mode)
     except NotImplementedError:
         assert isinstance(model, torch.fx.GraphModule)
-        if mode:
-            move_exported_model_to_train(model)
-        else:
-            move_exported_model_to_eval(model)
+        with _fast_patterns():
+            if mode:
+                move_exported_model_to_train(model)
+            else:
+                move_exported_model_to_eval(model)
+    model.apply(enable_observer if mode else disable_observer)
     return model
 
 
@@ -212,6 +297,18 @@ def _is_quantized_head(node: torch.fx.Node) -> bool:
     )
 
 
+def _is_excluded(node: torch.fx.Node) -> bool:
+    """A conv/linear explicitly left in fp32 (annotated, but with no quantized inputs)."""
+    ann = node.meta.get(_xiq.QUANT_ANNOTATION_KEY)
+    return (
+        node.op == "call_function"
+        and node.target in _HEADS
+        and ann is not None
+        and ann._annotated
+        and not ann.input_qspec_map
+    )
+
+
 def _quantize_pattern_outputs(model: torch.fx.GraphModule, spec: Any) -> None:
     """Give every quantized conv/linear (after its bn/activation) and every residual add fed
     by one a quantized output, so the ONNX graph has DQ -> op -> Q groups ORT can fuse."""
@@ -219,6 +316,10 @@ def _quantize_pattern_outputs(model: torch.fx.GraphModule, spec: Any) -> None:
     for node in model.graph.nodes:
         if _is_quantized_head(node):
             tail = _tail(node)
+            if any(_is_excluded(u) for u in tail.users):
+                # ORT re-quantizes an fp32 conv that sits between DQ and Q (its
+                # WeightBiasQuantization pass): an excluded conv must get a float input.
+                continue
             _set_output_qspec(tail, spec)
             quantized.add(tail)
     for node in model.graph.nodes:
@@ -262,7 +363,7 @@ def quantize_static(
     """
     set_training(model, False)
     gm = capture(model, example_inputs).module()
-    with _quiet():
+    with _quiet(), _fast_patterns():
         prepared = prepare_pt2e(gm, _quantizer(is_qat=False, skip_depthwise=skip_depthwise,
                                                quantize_outputs=quantize_outputs))
     n = 0
@@ -288,14 +389,14 @@ def prepare_qat(
         gm = capture(model, example_inputs).module()
     finally:
         set_training(model, False)
-    with _quiet():
+    with _quiet(), _fast_patterns():
         return prepare_qat_pt2e(gm, _quantizer(is_qat=True, skip_depthwise=skip_depthwise))
 
 
 def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Observed / fake-quant graph -> quantized reference graph (eval mode, weights int8)."""
     set_training(prepared, False)
-    with _quiet():
+    with _quiet(), _fast_patterns():
         out = convert_pt2e(prepared)
     set_training(out, False)
     return out

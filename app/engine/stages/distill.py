@@ -1,0 +1,246 @@
+"""Knowledge distillation from the original model (teacher) into a compressed student.
+
+The student is a pruned module, a PT2E ``prepare_qat`` fake-quant GraphModule (then this is
+quantization-aware distillation), or both. Loss per batch:
+
+- classifier (labels, or 2-D (N, C>1) outputs): ``alpha * T^2 * KL(p_t^T || p_s^T)
+  + (1 - alpha) * CE(s, labels)`` with labels, else the KL term alone;
+- embedding (any other output): ``MSE(s, t) + (1 - cos(s, t))``.
+
+AdamW; held-out quality after every epoch (accuracy with labels, else top-1 agreement with the
+teacher, or mean cosine for embeddings); the best state is kept (the untrained start counts, so
+distillation never returns a worse student than it got); early stopping after ``patience``
+epochs without improvement; the clock is checked between batches against ``time_budget_s``.
+``on_progress`` is called once per epoch and may raise (``errors.Cancelled``) to stop the run:
+the exception propagates to the caller.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.engine.stages.quantize import set_training
+from app.engine.types import ProgressFn
+
+if TYPE_CHECKING:
+    from app.engine.formats.data import Dataset
+
+Task = Literal["auto", "classifier", "embedding"]
+StopReason = Literal["epochs", "early_stopping", "time_budget"]
+QualityKind = Literal["accuracy", "agreement", "cosine"]
+
+
+class DataLike(Protocol):
+    """What distill needs of a data set (``formats.data.Dataset`` has it)."""
+
+    labels: np.ndarray | None
+
+    @property
+    def samples(self) -> int: ...
+
+    def tensors(self) -> tuple[torch.Tensor, ...]: ...
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    epochs: int = 10
+    temperature: float = 4.0  # softening of both logit sets in the KL term
+    alpha: float = 0.7  # weight of the KL term vs cross-entropy (labels only)
+    lr: float = 1e-3  # AdamW learning rate
+    batch_size: int = 64
+    patience: int = 2  # epochs without holdout improvement before stopping
+    time_budget_s: float = 300.0  # wall seconds for the whole call (teacher pass included)
+    weight_decay: float = 1e-4
+    min_delta: float = 1e-4  # smallest holdout gain that counts as an improvement
+    task: Task = "auto"  # "auto": classifier if labels or 2-D (N, C>1) outputs
+    seed: int = 0  # shuffling order
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError("epochs >= 0, batch_size >= 1 and patience >= 1 are required")
+        if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0 or self.lr <= 0:
+            raise ValueError("alpha in [0, 1], temperature > 0 and lr > 0 are required")
+
+
+@dataclass
+class DistillReport:
+    student: nn.Module  # best state, eval mode, on CPU
+    epochs_run: int  # epochs started (a budget-cut epoch counts)
+    best_holdout_quality: float
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    stopped_reason: StopReason = "epochs"
+    quality_kind: QualityKind = "accuracy"
+    initial_holdout_quality: float = math.nan  # the student before any training
+    best_epoch: int = 0  # 0 = the untrained start was best
+
+
+def _first(out: object) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"model output must be a tensor or a tuple of tensors, got {type(out)}")
+
+
+@torch.no_grad()
+def _predict(
+    model: nn.Module, xs: Sequence[torch.Tensor], batch_size: int, device: torch.device
+) -> torch.Tensor:
+    outs = []
+    n = int(xs[0].shape[0])
+    for i in range(0, n, batch_size):
+        outs.append(_first(model(*(x[i : i + batch_size].to(device) for x in xs))).float())
+    return torch.cat(outs)
+
+
+def _quality(
+    out: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None, classifier: bool
+) -> tuple[float, QualityKind]:
+    if classifier and labels is not None:
+        return float((out.argmax(1) == labels).float().mean()), "accuracy"
+    if classifier:
+        return float((out.argmax(1) == ref.argmax(1)).float().mean()), "agreement"
+    cos = F.cosine_similarity(out.flatten(1), ref.flatten(1), dim=1)
+    return float(cos.mean()), "cosine"
+
+
+def _loss(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor | None,
+    classifier: bool,
+    config: DistillConfig,
+) -> torch.Tensor:
+    if not classifier:
+        s2, t2 = s.flatten(1), t.flatten(1)
+        return F.mse_loss(s2, t2) + (1.0 - F.cosine_similarity(s2, t2, dim=1)).mean()
+    temp = config.temperature
+    kl = F.kl_div(
+        F.log_softmax(s / temp, dim=1), F.log_softmax(t / temp, dim=1),
+        reduction="batchmean", log_target=True,
+    ) * (temp * temp)  # T^2 keeps the gradient scale independent of T
+    if y is None:
+        return kl
+    return config.alpha * kl + (1.0 - config.alpha) * F.cross_entropy(s, y)
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    train: Dataset | DataLike,
+    holdout: Dataset | DataLike,
+    config: DistillConfig,
+    *,
+    device: torch.device | None = None,
+    on_progress: ProgressFn | None = None,
+) -> DistillReport:
+    """Train ``student`` (in place) to match ``teacher``; return it in its best holdout state."""
+    start = time.monotonic()
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher_device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+    set_training(teacher, False)
+    teacher.to(device)
+    student.to(device)
+
+    xs = tuple(t.contiguous() for t in train.tensors())
+    hx = tuple(t.contiguous() for t in holdout.tensors())
+    y = None if train.labels is None else torch.as_tensor(train.labels, dtype=torch.long)
+    hy = None if holdout.labels is None else torch.as_tensor(holdout.labels, dtype=torch.long)
+    if train.samples < 2 or holdout.samples < 1:
+        raise ValueError("distill needs >= 2 training samples and >= 1 holdout sample")
+
+    bs = config.batch_size
+    t_train = _predict(teacher, xs, bs, device)
+    t_hold = _predict(teacher, hx, bs, device)
+    teacher.to(teacher_device)
+    classifier = config.task == "classifier" or (
+        config.task == "auto"
+        and (y is not None or (t_train.dim() == 2 and t_train.shape[1] > 1))
+    )
+    if classifier and t_train.dim() != 2:
+        raise ValueError(f"classifier distillation needs (N, C) logits, got {tuple(t_train.shape)}")
+    y_dev = None if y is None else y.to(device)
+    hy_dev = None if hy is None or not classifier else hy.to(device)
+
+    def evaluate() -> tuple[float, QualityKind]:
+        set_training(student, False)
+        return _quality(_predict(student, hx, bs, device), t_hold, hy_dev, classifier)
+
+    best, kind = evaluate()
+    initial = best
+    best_state = copy.deepcopy(student.state_dict())
+    best_epoch = 0
+    history: list[dict[str, float]] = []
+    reason: StopReason = "epochs"
+    stale = 0
+    epochs_run = 0
+    opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    n = int(xs[0].shape[0])
+
+    for epoch in range(1, config.epochs + 1):
+        if time.monotonic() - start >= config.time_budget_s:
+            reason = "time_budget"
+            break
+        epochs_run = epoch
+        set_training(student, True)
+        perm = torch.randperm(n, generator=gen)
+        total, seen, out_of_time = 0.0, 0, False
+        for i in range(0, n, bs):
+            if time.monotonic() - start >= config.time_budget_s:
+                out_of_time = True
+                break
+            idx = perm[i : i + bs]
+            if len(idx) < 2:  # batch norm in train mode cannot normalise one sample
+                continue
+            s = _first(student(*(x[idx].to(device) for x in xs)))
+            loss = _loss(s, t_train[idx.to(device)], None if y_dev is None else y_dev[idx],
+                         classifier, config)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(idx)
+            seen += len(idx)
+        if seen:
+            quality, kind = evaluate()
+        else:
+            quality = math.nan
+        history.append({
+            "epoch": float(epoch), "train_loss": total / seen if seen else math.nan,
+            "holdout_quality": quality, "seconds": time.monotonic() - start,
+        })
+        if seen and quality > best + config.min_delta:
+            best, best_epoch, stale = quality, epoch, 0
+            best_state = copy.deepcopy(student.state_dict())
+        else:
+            stale += 1
+        if on_progress is not None:
+            on_progress("distill", epoch / max(config.epochs, 1),
+                        f"epoch {epoch}/{config.epochs}: holdout {kind} {quality:.4f} "
+                        f"(best {best:.4f})")
+        if out_of_time:
+            reason = "time_budget"
+            break
+        if stale >= config.patience:
+            reason = "early_stopping"
+            break
+
+    student.load_state_dict(best_state)
+    set_training(student, False)
+    student.to(torch.device("cpu"))
+    return DistillReport(
+        student=student, epochs_run=epochs_run, best_holdout_quality=best, history=history,
+        stopped_reason=reason, quality_kind=kind, initial_holdout_quality=initial,
+        best_epoch=best_epoch,
+    )
