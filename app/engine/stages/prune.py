@@ -273,8 +273,8 @@ def _count_params(model: nn.Module) -> int:
 def _output_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[tuple[int, ...]]:
     with torch.no_grad():
         out = model(*inputs)
-    flat = out if isinstance(out, (tuple, list)) else (out,)
-    return [tuple(o.shape) for o in flat if isinstance(o, torch.Tensor)]
+    leaves = torch.utils._pytree.tree_leaves(out)  # tuples, lists and dicts of outputs
+    return [tuple(o.shape) for o in leaves if isinstance(o, torch.Tensor)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,10 +331,9 @@ def _accumulate_grads(
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
         for inputs, target in batches:
-            out = model(*inputs)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            _loss(out, target).backward()
+            # the first output is the one the targets describe (the logits)
+            first = torch.utils._pytree.tree_leaves(model(*inputs))[0]
+            _loss(first, target).backward()
     total = sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None)
     return total > 0.0
 
