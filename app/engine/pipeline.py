@@ -323,7 +323,7 @@ class StageEvaluator:
         else:
             student = copy.deepcopy(built.pruned)
         cfg = DistillConfig(epochs=epochs, temperature=recipe.temperature, alpha=recipe.alpha,
-                            lr=recipe.lr, time_budget_s=time_budget_s)
+                            lr=recipe.lr, time_budget_s=time_budget_s, seed=recipe.seed)
         teacher = copy.deepcopy(self.teacher).to(self.device).eval()
         rep = distill(student.to(self.device), teacher, self.train, self.val, cfg,
                       device=self.device, on_progress=self.clock.progress)
