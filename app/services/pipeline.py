@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
@@ -124,8 +125,11 @@ class _Lease:
         if changed or now - self._last_write >= self.settings.progress_write_interval_s:
             self._stage = stage
             self._last_write = now
-            self._write(stage=stage[:32], progress=round(self._overall, 4),
-                        message=message[:2000] if message else None)
+            try:
+                self._write(stage=stage[:32], progress=round(self._overall, 4),
+                            message=message[:2000] if message else None)
+            except SQLAlchemyError:  # a DB blip must not fail the run; the beat retries
+                log.warning("progress write failed for job %s", self.job_id, exc_info=True)
         self.check()
 
 

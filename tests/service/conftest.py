@@ -205,7 +205,7 @@ def stop_worker(worker: Worker) -> None:
         # Our own process group (start_new_session): QUIT then KILL the pool children too.
         os.killpg(worker.proc.pid, signal.SIGQUIT)  # cold shutdown: tests leave no work
         try:
-            worker.proc.wait(timeout=15)
+            worker.proc.wait(timeout=8)
         except subprocess.TimeoutExpired:
             os.killpg(worker.proc.pid, signal.SIGKILL)
             worker.proc.wait(timeout=5)
