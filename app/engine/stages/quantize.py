@@ -150,7 +150,9 @@ def batch_examples(example_inputs: Sequence[torch.Tensor]) -> Inputs:
     for t in example_inputs:
         if t.dim() > 0 and t.shape[0] == 1:
             t = torch.cat([t, t], dim=0)
-        out.append(t)
+        # A copy: a slice of a big data tensor would drag its whole storage into the .pt2
+        # (torch.export.save stores the example inputs).
+        out.append(t.detach().clone().contiguous())
     return tuple(out)
 
 
@@ -399,7 +401,28 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     with _quiet(), _fast_patterns():
         out = convert_pt2e(prepared)
     set_training(out, False)
+    _drop_unused_tensors(out)
     return out
+
+
+def _drop_unused_tensors(gm: torch.fx.GraphModule) -> None:
+    """Delete parameters/buffers no node reads any more.
+
+    After convert the graph reads the int8 copies of the weights; the fp32 originals stay
+    registered and ``torch.export`` would store both in the .pt2 (int8 archive > fp32).
+    """
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    for name in names:
+        if name in used:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+        elif attr in owner._buffers:
+            del owner._buffers[attr]
 
 
 # ---------------------------------------------------------------------------------------------
