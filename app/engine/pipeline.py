@@ -407,7 +407,8 @@ def _run(
     if spec.recipe is not None:
         recipe = replace(spec.recipe, seed=spec.seed)
         clock.progress("prune", 0.0, f"explicit recipe: {recipe.to_dict()}")
-        outcome = run_recipe(ev, recipe, c, deadline=search_deadline)
+        outcome = run_recipe(ev, recipe, c, deadline=search_deadline,
+                             on_progress=clock.progress)
     else:
         sp = space or default_space(linear_heavy=_linear_heavy(teacher))
         outcome = search(ev, c, sp, seed=spec.seed, deadline=search_deadline,

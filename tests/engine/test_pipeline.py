@@ -88,7 +88,7 @@ def test_end_to_end_artifacts_parity_and_manifest(
     assert len(report["candidates"]) == len(r.candidates) == 2
     # Progress: every stage reported, fractions in [0, 1].
     stages = {s for s, _, _ in events}
-    assert {"load", "baseline", "prune", "quantize", "evaluate", "export"} <= stages
+    assert {"load", "baseline", "prune", "quantize", "distill", "evaluate", "export"} <= stages
     assert all(0.0 <= f <= 1.0 for _, f, _ in events)
 
 

@@ -256,6 +256,11 @@ def search(
         candidates.append(c2)
         built.append(b2)
         window = window[:mid] if c2.feasible else window[mid + 1 :]
+    if distilled == 0:
+        why = ("a candidate meets every constraint untrained" if first_ok < len(order)
+               else "no candidate meets the size / latency limits" if not order
+               else "no time left in the budget")
+        progress("distill", 1.0, f"no distillation: {why}")
 
     status, best = choose(candidates, baseline, constraints)
     return Outcome(status=status, best_index=best, candidates=candidates, built=built,
@@ -263,11 +268,21 @@ def search(
 
 
 def run_recipe(ev: Evaluator, recipe: Recipe, constraints: Constraints, *, deadline: float,
+               on_progress: ProgressFn | None = None,
                clock: Callable[[], float] = time.monotonic) -> Outcome:
     """An explicit recipe skips the search: build it, distill if asked, measure, check."""
+
+    def progress(stage: str, frac: float, msg: str) -> None:
+        if on_progress is not None:
+            on_progress(stage, frac, msg)
+
+    progress("prune", 0.0, f"recipe: prune {recipe.prune_ratio:.0%} ({recipe.importance})")
     b = ev.build(replace(recipe, distill_epochs=0))
+    progress("quantize", 1.0, f"recipe: quant {recipe.quant}")
     if recipe.distill_epochs > 0:
         b = ev.distill(b, recipe.distill_epochs, max(1.0, deadline - clock()))
+    else:
+        progress("distill", 1.0, "recipe: no distillation")
     m = ev.measure([b])[0]
     c = _candidate(b.recipe, m, ev.baseline, constraints, recipe.distill_epochs > 0)
     status = "succeeded" if c.feasible else "constraints_unsatisfiable"
