@@ -39,6 +39,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ArtifactSt
             s3_endpoint_url=endpoint, s3_bucket=os.environ["MODELPRESS_TEST_S3_BUCKET"],
             s3_access_key_id=os.environ.get("MODELPRESS_TEST_S3_KEY"),
             s3_secret_access_key=os.environ.get("MODELPRESS_TEST_S3_SECRET"),
+            s3_region=os.environ.get("MODELPRESS_TEST_S3_REGION", "us-east-1"),
             s3_prefix="modelpress-test"))
 
 
@@ -96,3 +97,29 @@ def test_local_store_leaves_no_temp_files(tmp_path: Path) -> None:
         s.put_stream("a/c.bin", (b"x" if i < 3 else (_ for _ in ()).throw(RuntimeError())
                                  for i in range(5)))
     assert sorted(p.name for p in (tmp_path / "store" / "a").iterdir()) == ["b.bin"]
+
+
+def test_s3_multipart_round_trip_and_abort(store: ArtifactStore) -> None:
+    """Objects above one 8 MiB part go through multipart upload; a failed one is aborted."""
+    from app.storage.s3 import PART_BYTES, S3Store
+
+    if not isinstance(store, S3Store):
+        pytest.skip("S3 only")
+    data = os.urandom(2 * PART_BYTES + 12345)  # three parts, the last one short
+    size, sha = store.put_stream("big/blob.bin", _pieces(data, (3_000_000, 5, 777_777)))
+    assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest())
+    assert b"".join(store.open("big/blob.bin", PART_BYTES - 3, PART_BYTES + 3)) == data[
+        PART_BYTES - 3:PART_BYTES + 3]
+    assert hashlib.sha256(b"".join(store.open("big/blob.bin"))).hexdigest() == sha
+    store.delete("big/blob.bin")
+
+    def broken() -> Iterator[bytes]:
+        yield os.urandom(PART_BYTES + 1)
+        yield os.urandom(PART_BYTES)
+        raise OSError("client went away")
+
+    with pytest.raises(OSError):
+        store.put_stream("big/broken.bin", broken())
+    assert not store.exists("big/broken.bin")
+    pending = store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
+    assert [u for u in pending if u["Key"].endswith("big/broken.bin")] == []
