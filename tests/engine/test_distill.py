@@ -1,0 +1,153 @@
+"""Distillation: real KD gains (plain and QAT students), early stop, time budget, cancel."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine.errors import Cancelled
+from app.engine.formats.data import Dataset
+from app.engine.stages.distill import DistillConfig, distill
+from app.engine.stages.export import export_onnx, onnx_outputs
+from app.engine.stages.quantize import convert, prepare_qat
+from examples.zoo import MLP, digits, train
+
+pytestmark = pytest.mark.engine
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def sets() -> tuple[Dataset, Dataset]:
+    x, y = digits(8)
+    full = Dataset({"x": x.numpy()}, y.numpy())
+    return full.take(1400), full.subset(np.arange(1400, len(y)))  # train, holdout (397)
+
+
+@pytest.fixture(scope="module")
+def teacher(sets: tuple[Dataset, Dataset]) -> torch.nn.Module:
+    tr, ho = sets
+    t = train(MLP(hidden=64), torch.from_numpy(tr.inputs["x"]), torch.from_numpy(tr.labels),
+              epochs=10, lr=5e-3)
+    with torch.no_grad():
+        acc = (t(torch.from_numpy(ho.inputs["x"])).argmax(1).numpy() == ho.labels).mean()
+    assert acc >= 0.93, acc  # a real teacher
+    return t
+
+
+def _student(seed: int = 1) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return MLP(hidden=24)
+
+
+def test_kd_with_labels_improves_student(
+    teacher: torch.nn.Module, sets: tuple[Dataset, Dataset]
+) -> None:
+    tr, ho = sets
+    cfg = DistillConfig(epochs=6, lr=1e-2, batch_size=64, patience=3, time_budget_s=60)
+    calls: list[tuple[str, float, str]] = []
+    rep = distill(_student(), teacher, tr, ho, cfg, device=CPU,
+                  on_progress=lambda *a: calls.append(a))
+    assert rep.quality_kind == "accuracy"
+    assert rep.initial_holdout_quality < 0.25  # untrained start: about chance
+    assert rep.best_holdout_quality >= 0.88, rep.history
+    assert rep.best_holdout_quality >= rep.initial_holdout_quality + 0.6
+    assert len(calls) == rep.epochs_run == len(rep.history)
+    assert all(c[0] == "distill" for c in calls) and calls[-1][1] <= 1.0
+    # the returned student is in its best state, eval mode
+    with torch.no_grad():
+        acc = (rep.student(torch.from_numpy(ho.inputs["x"])).argmax(1).numpy()
+               == ho.labels).mean()
+    assert acc == pytest.approx(rep.best_holdout_quality)
+    assert not rep.student.training
+
+
+def test_pure_kd_without_labels_reaches_agreement(
+    teacher: torch.nn.Module, sets: tuple[Dataset, Dataset]
+) -> None:
+    tr, ho = sets
+    tr_nl, ho_nl = Dataset(tr.inputs, None), Dataset(ho.inputs, None)
+    cfg = DistillConfig(epochs=6, lr=1e-2, patience=3, time_budget_s=60)
+    rep = distill(_student(), teacher, tr_nl, ho_nl, cfg, device=CPU)
+    assert rep.quality_kind == "agreement"
+    assert rep.initial_holdout_quality < 0.3
+    assert rep.best_holdout_quality >= 0.88, rep.history
+
+
+def test_qat_student_distilled_then_int8_onnx(
+    teacher: torch.nn.Module, sets: tuple[Dataset, Dataset], tmp_path: Path
+) -> None:
+    """Quantization-aware distillation: fake-quant student -> convert -> int8 ONNX keeps it."""
+    tr, ho = sets
+    hx = torch.from_numpy(ho.inputs["x"])
+    ex = (hx[:4],)
+    student = prepare_qat(_student(), ex)
+    cfg = DistillConfig(epochs=6, lr=1e-2, patience=3, time_budget_s=90)
+    rep = distill(student, teacher, tr, ho, cfg, device=CPU)
+    assert rep.best_holdout_quality >= rep.initial_holdout_quality + 0.6
+    assert rep.best_holdout_quality >= 0.85, rep.history
+    q = convert(rep.student)
+    path = export_onnx(q, ex, tmp_path / "qat.onnx")
+    acc = (onnx_outputs(path, (hx,))[0].argmax(1) == ho.labels).mean()
+    assert acc >= rep.best_holdout_quality - 0.03, (acc, rep.best_holdout_quality)
+
+
+def test_embedding_task_uses_cosine(
+    teacher: torch.nn.Module, sets: tuple[Dataset, Dataset]
+) -> None:
+    tr, ho = sets
+    cfg = DistillConfig(epochs=6, lr=1e-2, patience=3, time_budget_s=60, task="embedding")
+    rep = distill(_student(), teacher, Dataset(tr.inputs, None), Dataset(ho.inputs, None),
+                  cfg, device=CPU)
+    assert rep.quality_kind == "cosine"
+    assert rep.best_holdout_quality >= 0.9 > rep.initial_holdout_quality + 0.2
+
+
+def test_early_stopping_on_patience(
+    teacher: torch.nn.Module, sets: tuple[Dataset, Dataset]
+) -> None:
+    tr, ho = sets
+    # A learning rate this small cannot move holdout accuracy: every epoch is "no gain".
+    cfg = DistillConfig(epochs=20, lr=1e-12, patience=2, time_budget_s=60)
+    rep = distill(_student(), teacher, tr.take(256), ho, cfg, device=CPU)
+    assert rep.stopped_reason == "early_stopping"
+    assert rep.epochs_run == 2 and rep.best_epoch == 0
+    assert rep.best_holdout_quality == rep.initial_holdout_quality
+
+
+def test_time_budget_stops_between_batches(
+    teacher: torch.nn.Module, sets: tuple[Dataset, Dataset]
+) -> None:
+    tr, ho = sets
+    budget = 0.6  # seconds
+    cfg = DistillConfig(epochs=10_000, lr=1e-3, batch_size=8, patience=10_000,
+                        time_budget_s=budget)
+    t0 = time.monotonic()
+    rep = distill(_student(), teacher, tr, ho, cfg, device=CPU)
+    elapsed = time.monotonic() - t0
+    assert rep.stopped_reason == "time_budget"
+    assert 1 <= rep.epochs_run < 10_000
+    assert elapsed < budget + 3.0  # one batch + one holdout pass past the budget (loaded CI)
+    assert rep.history[-1]["seconds"] >= budget
+
+
+def test_callback_exception_cancels(
+    teacher: torch.nn.Module, sets: tuple[Dataset, Dataset]
+) -> None:
+    tr, ho = sets
+    seen: list[float] = []
+
+    def cancel_at_second_epoch(stage: str, frac: float, msg: str) -> None:
+        seen.append(frac)
+        if len(seen) == 2:
+            raise Cancelled("job cancelled by user")
+
+    cfg = DistillConfig(epochs=10, lr=1e-2, time_budget_s=60)
+    with pytest.raises(Cancelled, match="cancelled by user"):
+        distill(_student(), teacher, tr.take(256), ho, cfg, device=CPU,
+                on_progress=cancel_at_second_epoch)
+    assert seen == [0.1, 0.2]
