@@ -81,7 +81,8 @@ def main() -> None:
     evalx = (x[-512:],)
     tmp = Path(tempfile.mkdtemp(prefix="quant_probe_"))
 
-    for name, model in (("ResCNN", ResCNN()), ("DWCNN", DWCNN())):
+    models: list[tuple[str, torch.nn.Module]] = [("ResCNN", ResCNN()), ("DWCNN", DWCNN())]
+    for name, model in models:
         t0 = time.time()
         model = train(model, x[:1200], y[:1200], epochs=args.epochs)
         files: dict[str, Path] = {}

@@ -90,6 +90,7 @@ def test_qat_student_distilled_then_int8_onnx(
     rep = distill(student, teacher, tr, ho, cfg, device=CPU)
     assert rep.best_holdout_quality >= rep.initial_holdout_quality + 0.6
     assert rep.best_holdout_quality >= 0.85, rep.history
+    assert isinstance(rep.student, torch.fx.GraphModule)
     q = convert(rep.student)
     path = export_onnx(q, ex, tmp_path / "qat.onnx")
     acc = (onnx_outputs(path, (hx,))[0].argmax(1) == ho.labels).mean()
