@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # Create a development tenant + key on first start (embedded default only by default).
     dev_key_bootstrap: bool | None = None
     dev_key_file: Path = Path("./var/dev-api-key")
+    # Seconds a verified key is trusted without a query (per API process). A revoked key
+    # stops working after at most this long; 0 = look up on every request.
+    auth_cache_s: float = 2.0
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.errors import Unauthorized
-from app.services.auth import Principal, authenticate
+from app.services.auth import AuthCache, Principal, authenticate, hash_key
 from app.storage import ArtifactStore
 
 # Query parameters that look like credentials: refused so keys never land in access logs.
@@ -23,12 +24,14 @@ def get_settings_dep(request: Request) -> Settings:
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    # async: creating a Session does no I/O (it connects lazily, in the route's thread), so
+    # this saves a threadpool hop per request.
     session: Session = request.app.state.sessions()
     try:
         yield session
     finally:
-        session.close()
+        await run_in_threadpool(session.close)
 
 
 def get_store(request: Request) -> ArtifactStore:
@@ -46,7 +49,7 @@ StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 CeleryDep = Annotated[Any, Depends(get_celery)]
 
 
-def get_tenant(request: Request, session: SessionDep) -> Principal:
+async def get_tenant(request: Request, session: SessionDep) -> Principal:
     if any(k.lower() in _KEY_PARAMS for k in request.query_params):
         raise Unauthorized("API keys in the query string are refused; send "
                            "'Authorization: Bearer <key>'")
@@ -54,8 +57,19 @@ def get_tenant(request: Request, session: SessionDep) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing 'Authorization: Bearer <key>' header")
-    principal = authenticate(session, token.strip())
-    session.rollback()  # end the read transaction; the route starts its own work
+    cache: AuthCache = request.app.state.auth_cache
+    key_hash = hash_key(token.strip())
+    if (hit := cache.get(key_hash)) is not None:
+        return hit
+
+    def lookup() -> Principal:
+        try:
+            return authenticate(session, token.strip())
+        finally:
+            session.rollback()  # end the read transaction; the route starts its own work
+
+    principal = await run_in_threadpool(lookup)
+    cache.put(key_hash, principal)
     return principal
 
 

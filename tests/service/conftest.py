@@ -92,6 +92,8 @@ def pg_env(pg_url: str, redis_url: str, tmp: Path) -> dict[str, str]:
         "MODELPRESS_JOB_LEASE_S": "30",
         "MODELPRESS_HEARTBEAT_INTERVAL_S": "2",
         "MODELPRESS_PROGRESS_WRITE_INTERVAL_S": "0.2",
+        # Keys are created, revoked and expired within one test: no auth cache.
+        "MODELPRESS_AUTH_CACHE_S": "0",
     }
 
 
@@ -105,6 +107,8 @@ def embedded_env(tmp: Path) -> dict[str, str]:
         "MODELPRESS_JOB_LEASE_S": "30",
         "MODELPRESS_HEARTBEAT_INTERVAL_S": "2",
         "MODELPRESS_PROGRESS_WRITE_INTERVAL_S": "0.2",
+        # Keys are created, revoked and expired within one test: no auth cache.
+        "MODELPRESS_AUTH_CACHE_S": "0",
     }
 
 

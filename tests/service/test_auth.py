@@ -106,3 +106,25 @@ def test_dev_key_created_once(settings: Settings, clean_db: None) -> None:
         second = ensure_dev_key(s)
     assert first is not None and first.startswith("mp_")
     assert second is None
+
+
+def test_auth_cache_bounds_revocation_lag(settings: Settings, key: str) -> None:
+    """With the per-process cache on, a revoked key stops working within ``auth_cache_s``."""
+    import time
+
+    from app.main import create_app
+
+    cached = settings.model_copy(update={"auth_cache_s": 0.5})
+    h = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(cached)) as c:
+        assert c.get("/v1/jobs", headers=h).status_code == 200
+        with session_factory(settings)() as s:
+            row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+            assert row is not None
+            row.revoked_at = utcnow()
+            s.commit()
+        revoked_at = time.monotonic()
+        while c.get("/v1/jobs", headers=h).status_code == 200:
+            assert time.monotonic() - revoked_at < 0.5 + 0.3, "revoked key outlived the TTL"
+            time.sleep(0.05)
+        assert c.get("/v1/jobs", headers=h).status_code == 401
