@@ -25,6 +25,9 @@ def upgrade() -> None:
     sa.Column('data', sa.LargeBinary(), nullable=False),
     sa.PrimaryKeyConstraint('key', 'seq', name=op.f('pk_blob_chunks'))
     )
+    if op.get_bind().dialect.name == "postgresql":
+        # Model weights barely compress: skip TOAST's pglz attempt on every 1 MiB chunk.
+        op.execute("ALTER TABLE blob_chunks ALTER COLUMN data SET STORAGE EXTERNAL")
     op.create_table('tenants',
     sa.Column('id', sa.String(length=32), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
