@@ -71,6 +71,7 @@ with _quiet(), contextlib.redirect_stdout(io.StringIO()):
 _PATTERNS: dict[tuple[Any, ...], torch.fx.GraphModule] = {}
 _ORIG_PATTERN = _pt2e_utils._get_aten_graph_module_for_pattern
 _ORIG_FOLD_HELPER = _qat_utils._fold_conv_bn_qat_helper
+_ORIG_FUSE_HELPER = _qat_utils._fuse_conv_bn_qat_helper
 _CONV_OPS = {
     torch.nn.functional.conv1d: torch.ops.aten.conv1d.default,
     torch.nn.functional.conv2d: torch.ops.aten.conv2d.default,
@@ -112,28 +113,43 @@ def _memo_pattern(
     return copy.deepcopy(_PATTERNS[key])  # the rewriter may touch the pattern graph
 
 
+def _has_conv(m: torch.fx.GraphModule, conv_fn: Any) -> bool:
+    op = _CONV_OPS.get(conv_fn)
+    return op is None or any(n.target == op for n in m.graph.nodes)
+
+
 def _fold_helper_if_present(
     m: torch.fx.GraphModule, conv_fn: Any, example_inputs: Any, is_cuda: bool
 ) -> torch.fx.GraphModule:
-    op = _CONV_OPS.get(conv_fn)
-    if op is not None and not any(n.target == op for n in m.graph.nodes):
+    if not _has_conv(m, conv_fn):
         return m
     return _ORIG_FOLD_HELPER(m, conv_fn, example_inputs, is_cuda)
+
+
+def _fuse_helper_if_present(
+    m: torch.fx.GraphModule, conv_fn: Any, example_inputs: Any, is_cuda: bool
+) -> torch.fx.GraphModule:
+    if not _has_conv(m, conv_fn):
+        return m
+    return _ORIG_FUSE_HELPER(m, conv_fn, example_inputs, is_cuda)
 
 
 @contextlib.contextmanager
 def _fast_patterns() -> Iterator[None]:
     saved = (_pt2e_utils._get_aten_graph_module_for_pattern,
-             _qat_utils._get_aten_graph_module_for_pattern, _qat_utils._fold_conv_bn_qat_helper)
+             _qat_utils._get_aten_graph_module_for_pattern, _qat_utils._fold_conv_bn_qat_helper,
+             _qat_utils._fuse_conv_bn_qat_helper)
     _pt2e_utils._get_aten_graph_module_for_pattern = _memo_pattern
     _qat_utils._get_aten_graph_module_for_pattern = _memo_pattern
     _qat_utils._fold_conv_bn_qat_helper = _fold_helper_if_present
+    _qat_utils._fuse_conv_bn_qat_helper = _fuse_helper_if_present
     try:
         yield
     finally:
         (_pt2e_utils._get_aten_graph_module_for_pattern,
          _qat_utils._get_aten_graph_module_for_pattern,
-         _qat_utils._fold_conv_bn_qat_helper) = saved
+         _qat_utils._fold_conv_bn_qat_helper,
+         _qat_utils._fuse_conv_bn_qat_helper) = saved
 
 
 # ---------------------------------------------------------------------------------------------
