@@ -227,3 +227,26 @@ def test_reaper_tick_requeues_a_dead_workers_job(stack: Stack, uploaded: tuple[s
     assert r.status_code == 200
     done, _ = wait_for(stack, job_id, TERMINAL, timeout_s=60)
     assert done["status"] == "cancelled" and done["attempt"] == 2
+
+
+def test_unsatisfiable_constraints_fail_but_keep_artifacts(stack: Stack,
+                                                           uploaded: tuple[str, str]) -> None:
+    if stack.name != "postgres":
+        pytest.skip("same service code on both stacks")
+    c, auth = stack.client, stack.auth
+    model_id, dataset_id = uploaded
+    r = c.post("/v1/jobs", headers=auth, json={
+        "model_id": model_id, "dataset_id": dataset_id, "device": "cpu", "recipe": FAST_RECIPE,
+        "constraints": {"max_size_mb": 0.001, "batch_size": 64, "threads": 1}})
+    assert r.status_code == 202
+    job, _ = wait_for(stack, r.json()["id"], TERMINAL)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "constraints_unsatisfiable" and "size" in job["error"]["detail"]
+    assert job["metrics"]["best"]["feasible"] is False and job["metrics"]["candidates"]
+    names = {a["name"] for a in
+             c.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json()["items"]}
+    assert {"model.onnx", "report.json"} <= names
+    d = c.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx", headers=auth)
+    assert d.status_code == 200 and d.headers["etag"] == (
+        f'"{hashlib.sha256(d.content).hexdigest()}"')
+    assert c.get(f"/v1/jobs/{job['id']}/report", headers=auth).status_code == 200
