@@ -98,6 +98,7 @@ class ProgressBar:
         if self.tty and self._drawn:
             self.stream.write("\n")
             self.stream.flush()
+            self._drawn = False
 
 
 def print_job(job: JobOut) -> None:
@@ -245,6 +246,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         try:
             job = c.wait(job.id, poll_s=args.poll_s, timeout_s=args.timeout_s,
                          on_update=bar.update)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"stopped waiting; job {job.id} goes on (modelpress status {job.id}, "
+                  f"modelpress cancel {job.id})", file=sys.stderr)
+            return 130
         finally:
             bar.close()
         arts = c.artifacts(job.id).items if job.status != "cancelled" else []
