@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # Queued jobs not picked up for this long are re-sent by the reconciler.
     requeue_after_s: float = 300.0
     reaper_interval_s: float = 30.0
+    # Every worker's main process runs the reaper + reconciler every reaper_interval_s (the
+    # statements are guarded, so several workers doing it is harmless). Celery beat can run
+    # the same task (modelpress.maintenance.tick) instead when this is off.
+    reaper_in_worker: bool = True
 
     # --- auth ----------------------------------------------------------------------------
     # Create a development tenant + key on first start (embedded default only by default).

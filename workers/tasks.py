@@ -4,31 +4,49 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_ready, worker_shutdown
+from sqlalchemy.pool import NullPool
 
 from app.config import get_settings
-from app.db.session import session_scope
-from app.services import maintenance
+from app.db.session import make_engine
+from app.services import maintenance_loop
 from app.services.pipeline import run_job
-from app.services.queue import send_jobs
 from workers.celery_app import app
+
+_maintenance_stop: threading.Event | None = None
 
 
 @app.task(name="modelpress.jobs.run", bind=True)
-def run(self: object, job_id: str) -> None:
-    request_id = getattr(getattr(self, "request", None), "id", None)
-    worker_id = f"{socket.gethostname()}:{os.getpid()}:{request_id}"
+def run(self: Any, job_id: str) -> None:
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
     run_job(job_id, worker_id, timeout_exceptions=(SoftTimeLimitExceeded,))
 
 
 @app.task(name="modelpress.maintenance.tick")
 def tick() -> dict[str, int]:
-    """Reap jobs whose heartbeat stopped and re-send queued jobs the broker lost."""
+    """Reap jobs whose heartbeat stopped and re-send queued jobs the broker lost (for beat)."""
     settings = get_settings()
-    with session_scope(settings) as session:
-        reaped = maintenance.reap_expired(session)
-        stale = maintenance.reconcile_queued(session, settings)
-    # Committed above: only now send.
-    sent = send_jobs(app, reaped + stale)
-    return {"requeued": len(reaped), "resent": len(stale), "sent": sent}
+    engine = make_engine(settings.database_url, poolclass=NullPool)
+    try:
+        requeued, resent = maintenance_loop.run_once(settings, app, engine)
+    finally:
+        engine.dispose()
+    return {"requeued": requeued, "resent": resent}
+
+
+@worker_ready.connect
+def _start_maintenance(**_: Any) -> None:
+    global _maintenance_stop
+    settings = get_settings()
+    if settings.reaper_in_worker and _maintenance_stop is None:
+        _maintenance_stop = maintenance_loop.start(settings, app)
+
+
+@worker_shutdown.connect
+def _stop_maintenance(**_: Any) -> None:
+    if _maintenance_stop is not None:
+        _maintenance_stop.set()

@@ -87,6 +87,9 @@ def pg_env(pg_url: str, redis_url: str, tmp: Path) -> dict[str, str]:
         "MODELPRESS_DATABASE_URL": pg_url,
         "MODELPRESS_BROKER_URL": redis_url,
         "MODELPRESS_STORAGE_BACKEND": "postgres",
+        # Other tests in this database plant expired leases on purpose: only the explicit
+        # maintenance task may reap here.
+        "MODELPRESS_REAPER_IN_WORKER": "false",
         "MODELPRESS_TMP_DIR": str(tmp / "tmp"),
         "MODELPRESS_DEV_KEY_BOOTSTRAP": "false",
         "MODELPRESS_JOB_LEASE_S": "30",
@@ -102,6 +105,7 @@ def embedded_env(tmp: Path) -> dict[str, str]:
         "MODELPRESS_DATABASE_URL": f"sqlite:///{tmp}/modelpress.db",
         "MODELPRESS_BROKER_URL": f"sqla+sqlite:///{tmp}/broker.db",
         "MODELPRESS_STORAGE_DIR": str(tmp / "artifacts"),
+        "MODELPRESS_REAPER_INTERVAL_S": "1",
         "MODELPRESS_TMP_DIR": str(tmp / "tmp"),
         "MODELPRESS_DEV_KEY_BOOTSTRAP": "false",
         "MODELPRESS_JOB_LEASE_S": "30",
