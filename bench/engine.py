@@ -1,6 +1,6 @@
 """Issue 2 acceptance benchmark: fp32 vs ONNX Runtime quantization alone vs ModelPress.
 
-    .venv/bin/python bench/engine.py [--size 32 --epochs 6 --time-budget-s 300 --out bench/out]
+    .venv/bin/python bench/engine.py [--size 32 --epochs 4 --time-budget-s 300 --out bench/out]
 
 On scikit-learn's digits (upscaled to --size x --size, fixed seed, split into train / val /
 test), it trains three architectures from examples/zoo.py — ResCNN (residual blocks, batch
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=32, help="digits upscaled to size x size")
-    p.add_argument("--epochs", type=int, default=6, help="fp32 training epochs")
+    p.add_argument("--epochs", type=int, default=4, help="fp32 training epochs")
     p.add_argument("--distill-epochs", type=int, default=8)
     p.add_argument("--time-budget-s", type=float, default=300.0, help="per ModelPress run")
     p.add_argument("--archs", default="rescnn,dwcnn,encoder")

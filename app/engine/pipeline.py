@@ -402,7 +402,7 @@ def _run(
     # -- baseline + plan ----------------------------------------------------------------------
     ev = StageEvaluator(teacher, example_inputs, train, val, holdout, c, work,
                         device=device, clock=clock)
-    search_deadline = clock.deadline - max(EXPORT_RESERVE_S, 0.1 * c.time_budget_s)
+    search_deadline = clock.deadline - max(EXPORT_RESERVE_S, 0.15 * c.time_budget_s)
     outcome: Outcome
     if spec.recipe is not None:
         recipe = replace(spec.recipe, seed=spec.seed)

@@ -234,8 +234,9 @@ def search(
     window = order[:first_ok]  # untried candidates that could still beat the current best
     distilled = 0
     while window:
-        # After training: convert + export + measure, about two cheap builds' worth.
-        after_s = 2.0 * sorted(build_s)[len(build_s) // 2] if build_s else 0.0
+        # After training: convert + export + measure, about three cheap builds' worth (loaded
+        # machines make the QAT convert and export slower than the cheap builds were).
+        after_s = 3.0 * sorted(build_s)[len(build_s) // 2] if build_s else 0.0
         remaining = deadline - clock() - after_s
         if distilled >= space.max_distill or remaining < space.min_distill_s:
             break
