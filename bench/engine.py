@@ -48,6 +48,7 @@ from app.engine.stages.export import export_onnx
 from app.engine.stages.quantize import quantize_onnx_dynamic, quantize_onnx_static
 from app.engine.types import Constraints, JobSpec
 from examples import zoo
+from examples.build import fit
 
 SEED = 0
 THREADS = 2
@@ -82,27 +83,6 @@ def make(arch: str, size: int) -> torch.nn.Module:
     raise ValueError(arch)
 
 
-def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
-        lr: float, batch: int = 64) -> torch.nn.Module:
-    """zoo.train's loop plus a cosine learning-rate decay: converges in few epochs (the
-    benchmark has to train three models on 2 shared cores), fixed seed."""
-    torch.manual_seed(SEED)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    steps = epochs * ((len(y) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    g = torch.Generator().manual_seed(SEED)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), batch):
-            idx = perm[i : i + batch]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            sched.step()
-    return model.eval()
-
-
 def accuracy(onnx_path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
     sess = make_session(onnx_path, threads=THREADS)
     name = sess.get_inputs()[0].name
@@ -132,7 +112,8 @@ def bench_arch(arch: str, data: dict[str, tuple[torch.Tensor, torch.Tensor]], si
     xva, yva = data["val"]
     xte, yte = data["test"]
     t0 = time.perf_counter()
-    model = fit(make(arch, size), xtr, ytr, epochs=args.epochs, lr=3e-3)
+    torch.manual_seed(SEED)
+    model = fit(make(arch, size), xtr, ytr, epochs=args.epochs, lr=3e-3, seed=SEED)
     train_s = time.perf_counter() - t0
     print(f"[{arch}] trained in {train_s:.0f} s", flush=True)
 
