@@ -38,6 +38,10 @@ class PayloadTooLarge(AppError):
     status, code, title = 413, "payload_too_large", "Payload too large"
 
 
+class UnsupportedMediaType(AppError):
+    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
+
+
 class Conflict(AppError):
     status, code, title = 409, "conflict", "Conflict"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import PayloadTooLarge
+from app.errors import PayloadTooLarge, UnsupportedMediaType
 
 WRITE_BYTES = 1024 * 1024  # buffer this much before a write: fewer syscalls, bounded memory
 
@@ -51,6 +51,11 @@ def filename_from(request: Request, query_name: str | None) -> str | None:
 
 async def receive_to_file(request: Request, cap_bytes: int, tmp_dir: Path | None,
                           suffix: str = "") -> Received:
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith(("multipart/", "application/x-www-form-urlencoded")):
+        # A form would be stored as its envelope and fail validation with a confusing message.
+        raise UnsupportedMediaType("send the file as the raw request body "
+                                   "(Content-Type: application/octet-stream), not as a form")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap_bytes:
         raise PayloadTooLarge(f"body of {int(declared)} bytes exceeds the limit of "

@@ -98,6 +98,14 @@ def test_upload_cap_413_while_streaming(settings: Settings, clean_db: None, key:
     assert _tmp_empty(settings)
 
 
+def test_form_upload_is_415(client: TestClient, auth: dict[str, str],
+                            mlp_files: dict[str, Path], settings: Settings) -> None:
+    r = client.post("/v1/models", files={"file": ("mlp.pt2", mlp_files["pt2"].read_bytes())},
+                    headers=auth)
+    assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type"
+    assert _counts(settings) == (0, 0, 0)
+
+
 def test_dataset_validated_against_model(client: TestClient, auth: dict[str, str],
                                          mlp_files: dict[str, Path], settings: Settings) -> None:
     model = upload_model(client, auth, mlp_files["pt2"])
