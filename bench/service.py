@@ -3,8 +3,8 @@
     python -m bench.service [--duration-s 10] [--clients 32] [--upload-mib 1024] [--submits 10]
 
 Starts, on 127.0.0.1 only: a fresh Postgres database (migrated by Alembic, dropped at the
-end), a Redis DB, uvicorn serving ``app.main:create_app`` (processes:
-``--api-workers``, default 2 as in the Dockerfile), and later one Celery worker. Then measures, in one run:
+end), a Redis DB, uvicorn serving ``app.main:create_app`` (``--api-workers`` processes,
+default 2 as in the Dockerfile), and later one Celery worker. Then measures, in one run:
 
 1. ``GET /v1/jobs/{id}`` at 32 concurrent keep-alive clients (asyncio, raw HTTP/1.1 so the
    load generator costs little of the 2 cores): p50 / p99 latency and requests per second.
