@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # ModelPress images. Targets:
-#   api     FastAPI + the model inspector (CPU torch), also runs migrations and Celery beat
+#   api     FastAPI + the model inspector (CPU torch); also runs the migrations
 #   worker  Celery worker, CUDA-capable: torch 2.13.0's default Linux wheel bundles the CUDA
 #           runtime (cuDNN, cuBLAS ... as pip packages); the host's driver comes in through
 #           the NVIDIA container toolkit. Without a GPU the same image runs on the CPU.

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--concurrency", type=int, default=1, help="worker processes")
-    p.add_argument("--no-beat", action="store_true", help="no reaper/reconciler schedule")
+    p.add_argument("--beat", action="store_true",
+                   help="also run Celery beat (only with MODELPRESS_REAPER_IN_WORKER=false)")
 
     p = sub.add_parser("admin", help="administration")
     admin = p.add_subparsers(dest="admin_command", required=True, metavar="ADMIN_COMMAND")
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from app.serve import serve
 
-        return serve(args.host, args.port, args.concurrency, beat=not args.no_beat)
+        return serve(args.host, args.port, args.concurrency, beat=args.beat)
     if args.command == "admin":
         return _create_key(args.tenant)
     return client_cli.run(args)

@@ -4,7 +4,7 @@ It creates ./var, migrates the database (SQLite by default) with Alembic, makes 
 development API key exists and prints it, then runs two child processes:
 
 - the API: ``uvicorn --factory app.main:create_app`` on 127.0.0.1:8000,
-- one Celery worker (plus its beat scheduler for the reaper) on the configured broker,
+- one Celery worker (which also runs the reaper and reconciler) on the configured broker,
   kombu's SQLAlchemy transport over ./var/broker.db by default: the production task code.
 
 SIGINT / SIGTERM are forwarded; both children are stopped (worker: warm, then cold shutdown;
@@ -108,7 +108,7 @@ def _wait_ready(url: str, api: Child) -> bool:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, concurrency: int = 1,
-          beat: bool = True) -> int:
+          beat: bool = False) -> int:
     from app.db.migrate import upgrade
 
     settings = get_settings()
@@ -128,7 +128,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, concurrency: int = 1,
                   "-n", f"embedded-{os.getpid()}@%h",
                   # The SQLAlchemy transport has no broadcast: no gossip/mingle/heartbeat.
                   "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    if beat:
+    if beat:  # the worker runs the reaper itself (reaper_in_worker); beat only if asked
         worker_cmd += ["-B", "-s", str(Path("var") / "celerybeat-schedule")]
 
     stopping = False

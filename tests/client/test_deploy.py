@@ -54,7 +54,7 @@ def test_compose_services_and_ordering(compose: dict[str, Any]) -> None:
     migrate = services["migrate"]
     assert migrate["command"] == ["alembic", "upgrade", "head"]
     assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("api", "worker", "beat"):
+    for name in ("api", "worker"):
         deps = services[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["postgres"]["condition"] == "service_healthy", name
