@@ -1,6 +1,6 @@
 """Issue 2 acceptance benchmark: fp32 vs ONNX Runtime quantization alone vs ModelPress.
 
-    .venv/bin/python bench/engine.py [--size 28 --epochs 5 --time-budget-s 300 --out bench/out]
+    .venv/bin/python bench/engine.py [--size 32 --epochs 5 --time-budget-s 300 --out bench/out]
 
 On scikit-learn's digits (upscaled to --size x --size, fixed seed, split into train / val /
 test), it trains three architectures from examples/zoo.py — ResCNN (residual blocks, batch
@@ -83,6 +83,10 @@ def make(arch: str, size: int) -> torch.nn.Module:
     raise ValueError(arch)
 
 
+def cnn_arch(arch: str) -> bool:
+    return arch != "encoder"
+
+
 def accuracy(onnx_path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
     sess = make_session(onnx_path, threads=THREADS)
     name = sess.get_inputs()[0].name
@@ -113,7 +117,9 @@ def bench_arch(arch: str, data: dict[str, tuple[torch.Tensor, torch.Tensor]], si
     xte, yte = data["test"]
     t0 = time.perf_counter()
     torch.manual_seed(SEED)
-    model = fit(make(arch, size), xtr, ytr, epochs=args.epochs, lr=3e-3, seed=SEED)
+    # The encoder trains in seconds but needs more epochs than the CNNs to converge.
+    epochs = args.epochs if cnn_arch(arch) else 3 * args.epochs
+    model = fit(make(arch, size), xtr, ytr, epochs=epochs, lr=3e-3, seed=SEED)
     train_s = time.perf_counter() - t0
     print(f"[{arch}] trained in {train_s:.0f} s", flush=True)
 
@@ -133,25 +139,27 @@ def bench_arch(arch: str, data: dict[str, tuple[torch.Tensor, torch.Tensor]], si
         quantize_onnx_static(fp32, ort_q, calib, per_channel=True)
 
     fp32_b1, ort_b1 = side_by_side([fp32, ort_q], xte, 1, 1, args.rounds)
-    ort_acc = accuracy(ort_q, xva, yva)
-    fp32_acc = accuracy(fp32, xva, yva)
     cnn = arch != "encoder"
     # Targets as constraints; accuracy limit from the validation split (ModelPress's holdout).
-    drop = min(0.005, max(0.0, 0.005 - (fp32_acc - ort_acc))) if not cnn else 0.005
+    # The encoder must stay within 0.5 point of ORT quant on the test split: ask for no loss
+    # on the validation split (300 samples: one sample is 0.33 point).
+    drop = 0.005 if cnn else 0.0
     constraints = Constraints(
         max_size_mb=(fp32.stat().st_size / 6.5 / 1e6) if cnn else ort_q.stat().st_size / 1.05e6,
         max_latency_ms=(fp32_b1 / 3.2) if cnn else None,
         max_accuracy_drop=drop,
         batch_size=1, threads=THREADS, objective="smallest", time_budget_s=args.time_budget_s,
     )
-    # A small grid: three builds per model keep the run short on shared cores; the CNN
-    # ratios bracket what 6x smaller / 3x faster needs with int8 (about 25-40 % channels).
+    # A small grid keeps the run short on shared cores; the CNN ratios bracket what 6x smaller
+    # and 3x faster need with int8; pruned fp32 is a candidate for the depthwise CNN.
     space = SearchSpace(
-        prune_ratios=(0.25, 0.4, 0.55),
-        quant_schemes=("int8_static",) if cnn else ("int8_dynamic",),
+        prune_ratios=(0.4, 0.55, 0.7) if cnn else (0.25, 0.4, 0.55),
+        quant_schemes=(("int8_static", "none") if arch == "dwcnn" else ("int8_static",)) if cnn
+        else ("int8_dynamic",),
         distill_epochs=args.distill_epochs, max_distill=2,
     )
-    print(f"[{arch}] fp32 p50 {fp32_b1:.3f} ms, ORT quant {ort_b1:.3f} ms; "
+    print(f"[{arch}] fp32 p50 {fp32_b1:.3f} ms, ORT quant {ort_b1:.3f} ms; val acc fp32 "
+          f"{accuracy(fp32, xva, yva):.4f}, ORT quant {accuracy(ort_q, xva, yva):.4f}; "
           f"constraints {constraints.to_dict()}", flush=True)
     t1 = time.perf_counter()
 
@@ -230,9 +238,9 @@ def verdicts(rows: list[Row]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=28, help="digits upscaled to size x size")
+    p.add_argument("--size", type=int, default=32, help="digits upscaled to size x size")
     p.add_argument("--epochs", type=int, default=5, help="fp32 training epochs")
-    p.add_argument("--distill-epochs", type=int, default=6)
+    p.add_argument("--distill-epochs", type=int, default=8)
     p.add_argument("--time-budget-s", type=float, default=300.0, help="per ModelPress run")
     p.add_argument("--archs", default="rescnn,dwcnn,encoder")
     p.add_argument("--repeats", type=int, default=3, help="latency repetitions (median)")

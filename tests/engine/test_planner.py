@@ -61,7 +61,11 @@ def test_violation_orders_closest_first() -> None:
     one_big = violation(_m(0.95, 3_000_000, 2.0), BASE, c)  # 200 % over on size
     two = violation(_m(0.90, 1_100_000, 2.0), BASE, c)
     assert one_small < one_big < two
-    assert one_small[0] == 1 and two[0] == 2
+    assert one_small[1] == 1 and two[1] == 2 and one_big[1] == 1
+    # Far off on one axis is farther than slightly off on two.
+    far = violation(_m(0.10, 900_000, 2.0), BASE, c)
+    near_two = violation(_m(0.93, 900_000, 3.1), BASE, c)
+    assert near_two < far
 
 
 def test_choose_prefers_best_feasible_not_first_in_grid_order() -> None:

@@ -79,11 +79,13 @@ def cost_reasons(metrics: Metrics, baseline: Metrics, constraints: Constraints) 
     return check(metrics, baseline, relaxed)
 
 
-def violation(metrics: Metrics, baseline: Metrics, constraints: Constraints) -> tuple[int, float]:
-    """How far from feasible: (number of violated rules, summed relative excess).
+def violation(metrics: Metrics, baseline: Metrics, constraints: Constraints) -> tuple[float, int]:
+    """How far from feasible: (summed relative excess, number of violated rules).
 
-    Used to pick the "closest" candidate when nothing is feasible: fewest violations first, then
-    the smallest total excess, each axis relative to its own limit so MB and ms are comparable.
+    Used to pick the "closest" candidate when nothing is feasible: the smallest total excess,
+    each axis relative to its own limit so MB, ms and points are comparable (a candidate 2 %
+    over a latency limit and 6 points under the accuracy limit is closer than one that meets
+    latency but lost 80 points), then the fewest violated rules.
     """
     count = 0
     excess = 0.0
@@ -106,4 +108,4 @@ def violation(metrics: Metrics, baseline: Metrics, constraints: Constraints) -> 
         over = metrics.latency_p50_ms / baseline.latency_p50_ms - (1.0 - SLOWER_TOLERANCE)
         if over > 0:
             count, excess = count + 1, excess + over + 1.0
-    return count, excess
+    return excess, count
