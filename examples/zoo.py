@@ -56,7 +56,9 @@ class ResCNN(nn.Module):
 class DWBlock(nn.Module):
     """MobileNetV2-style inverted residual: expand 1x1, depthwise 3x3, project 1x1."""
 
-    def __init__(self, ch: int, expand: int = 4, stride: int = 1, out_ch: int | None = None) -> None:
+    def __init__(
+        self, ch: int, expand: int = 4, stride: int = 1, out_ch: int | None = None
+    ) -> None:
         super().__init__()
         out_ch = out_ch or ch
         hidden = ch * expand

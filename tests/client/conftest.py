@@ -35,7 +35,7 @@ pg_worker = service.pg_worker
 mlp_files = service.mlp_files
 
 ROOT = Path(__file__).resolve().parents[2]
-CLIENT_REDIS_DB = int(os.environ.get("MODELPRESS_TEST_CLIENT_REDIS_DB", "12"))
+CLIENT_REDIS_DB = int(os.environ.get("MODELPRESS_TEST_CLIENT_REDIS_DB", "13"))
 
 
 @pytest.fixture(scope="session")
