@@ -97,6 +97,27 @@ def test_qat_student_distilled_then_int8_onnx(
     assert acc >= rep.best_holdout_quality - 0.03, (acc, rep.best_holdout_quality)
 
 
+def test_qat_student_that_never_improves_still_converts(
+    teacher: torch.nn.Module, sets: tuple[Dataset, Dataset], tmp_path: Path
+) -> None:
+    """The untrained start can be the best state: its observers must hold real ranges.
+
+    Regression: restoring a never-observed QAT state made ``convert`` fail with torchao's
+    "min inf should be less than max -inf" (seen in a service job at 50 % prune, int8).
+    """
+    tr, ho = sets
+    hx = torch.from_numpy(ho.inputs["x"])
+    ex = (hx[:4],)
+    student = prepare_qat(_student(), ex)
+    rep = distill(student, teacher, tr, ho, DistillConfig(epochs=0), device=CPU)
+    assert rep.epochs_run == 0 and rep.best_epoch == 0
+    q = convert(rep.student)  # raised before the observers were calibrated
+    path = export_onnx(q, ex, tmp_path / "untrained.onnx")
+    ort_top1 = onnx_outputs(path, (hx,))[0].argmax(1)
+    torch_top1 = q(hx).argmax(1).numpy()
+    assert (ort_top1 == torch_top1).mean() >= 0.95
+
+
 def test_embedding_task_uses_cosine(
     teacher: torch.nn.Module, sets: tuple[Dataset, Dataset]
 ) -> None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.engine.stages.quantize import set_training
+from app.engine.stages.quantize import disable_observer, enable_observer, set_training
 from app.engine.types import ProgressFn
 
 if TYPE_CHECKING:
@@ -134,6 +134,28 @@ def _loss(
     return config.alpha * kl + (1.0 - config.alpha) * F.cross_entropy(s, y)
 
 
+def _has_fake_quant(model: nn.Module) -> bool:
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+
+    return any(isinstance(m, FakeQuantizeBase) for m in model.modules())
+
+
+@torch.no_grad()
+def _calibrate_observers(
+    student: nn.Module, xs: Sequence[torch.Tensor], batch_size: int, device: torch.device,
+    max_samples: int = 512,
+) -> None:
+    """Let fake-quant observers see up to ``max_samples`` inputs; no-op for float students."""
+    if not _has_fake_quant(student):
+        return
+    set_training(student, False)
+    student.apply(enable_observer)
+    n = min(int(xs[0].shape[0]), max_samples)
+    for i in range(0, n, batch_size):
+        student(*(x[i : i + batch_size].to(device) for x in xs))
+    student.apply(disable_observer)
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -177,6 +199,11 @@ def distill(
         set_training(student, False)
         return _quality(_predict(student, hx, bs, device), t_hold, hy_dev, classifier)
 
+    # A fresh QAT student has never observed data: its ranges are (inf, -inf), so its
+    # "untrained start" state would neither evaluate honestly nor convert (torchao raises
+    # "min inf should be less than max -inf" when that state is restored as the best one).
+    # Calibrate the ranges once, in eval mode (batch-norm statistics untouched), like PTQ.
+    _calibrate_observers(student, xs, bs, device)
     best, kind = evaluate()
     initial = best
     best_state = copy.deepcopy(student.state_dict())
