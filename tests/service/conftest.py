@@ -327,3 +327,72 @@ def seed_model_and_data(settings: Settings, key: str) -> tuple[str, str]:
         s.add(d)
         s.commit()
         return m.id, d.id
+
+
+# --- S3: a local moto_server unless a real endpoint is configured ---------------------------
+
+
+@dataclass
+class S3Target:
+    endpoint: str
+    bucket: str
+    access_key_id: str | None
+    secret_access_key: str | None
+    region: str
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def s3_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Target]:
+    """MODELPRESS_TEST_S3_ENDPOINT + _S3_BUCKET (+ _S3_KEY, _S3_SECRET, _S3_REGION) when set;
+    otherwise moto's S3 server (moto[server], a dev dependency) on a free 127.0.0.1 port, with
+    a fresh bucket. moto missing or not starting is a FAILURE, never a skip."""
+    region = os.environ.get("MODELPRESS_TEST_S3_REGION", "us-east-1")
+    endpoint = os.environ.get("MODELPRESS_TEST_S3_ENDPOINT")
+    if endpoint:
+        yield S3Target(endpoint, os.environ["MODELPRESS_TEST_S3_BUCKET"],
+                       os.environ.get("MODELPRESS_TEST_S3_KEY"),
+                       os.environ.get("MODELPRESS_TEST_S3_SECRET"), region)
+        return
+    import boto3
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    endpoint = f"http://127.0.0.1:{port}"
+    with log.open("wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                 "-p", str(port)], stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        # Fake credentials: moto accepts any; never let boto3 look for real ones.
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        bucket = f"modelpress-test-{secrets.token_hex(4)}"
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"moto_server exited ({proc.returncode}):\n"
+                            f"{log.read_text(errors='replace')[-3000:]}", pytrace=False)
+            try:
+                client.create_bucket(Bucket=bucket)
+                break
+            except Exception as e:  # connection refused until the server listens
+                if time.monotonic() > deadline:
+                    pytest.fail(f"moto_server not up after 30 s: {e}", pytrace=False)
+                time.sleep(0.1)
+        yield S3Target(endpoint, bucket, "testing", "testing", region)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)

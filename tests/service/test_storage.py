@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from app.config import Settings
 from app.db.session import get_engine
 from app.storage import ArtifactStore, StoreError
 from app.storage.local import LocalStore
 from app.storage.postgres import PostgresStore
+from app.storage.s3 import PART_BYTES, S3Store
+from tests.service.conftest import S3Target
 
 pytestmark = pytest.mark.service
 
@@ -29,18 +32,20 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ArtifactSt
         request.getfixturevalue("clean_db")
         yield PostgresStore(get_engine(pg_url), chunk_bytes=CHUNK)
     else:
-        endpoint = os.environ.get("MODELPRESS_TEST_S3_ENDPOINT")
-        if not endpoint:
-            pytest.skip("no S3 endpoint (set MODELPRESS_TEST_S3_ENDPOINT and _S3_BUCKET)")
-        from app.config import Settings
-        from app.storage.s3 import S3Store
+        yield _s3_store(request.getfixturevalue("s3_target"))
 
-        yield S3Store.from_settings(Settings(
-            s3_endpoint_url=endpoint, s3_bucket=os.environ["MODELPRESS_TEST_S3_BUCKET"],
-            s3_access_key_id=os.environ.get("MODELPRESS_TEST_S3_KEY"),
-            s3_secret_access_key=os.environ.get("MODELPRESS_TEST_S3_SECRET"),
-            s3_region=os.environ.get("MODELPRESS_TEST_S3_REGION", "us-east-1"),
-            s3_prefix="modelpress-test"))
+
+def _s3_store(target: S3Target) -> S3Store:
+    """The conftest's S3 target: MODELPRESS_TEST_S3_* if set, else a local moto_server."""
+    return S3Store.from_settings(Settings(
+        s3_endpoint_url=target.endpoint, s3_bucket=target.bucket,
+        s3_access_key_id=target.access_key_id, s3_secret_access_key=target.secret_access_key,
+        s3_region=target.region, s3_prefix="modelpress-test"))
+
+
+@pytest.fixture
+def s3_store(s3_target: S3Target) -> S3Store:
+    return _s3_store(s3_target)
 
 
 def _pieces(data: bytes, sizes: tuple[int, ...] = (1, 1000, 70_000, 3)) -> Iterator[bytes]:
@@ -99,12 +104,9 @@ def test_local_store_leaves_no_temp_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "store" / "a").iterdir()) == ["b.bin"]
 
 
-def test_s3_multipart_round_trip_and_abort(store: ArtifactStore) -> None:
+def test_s3_multipart_round_trip_and_abort(s3_store: S3Store) -> None:
     """Objects above one 8 MiB part go through multipart upload; a failed one is aborted."""
-    from app.storage.s3 import PART_BYTES, S3Store
-
-    if not isinstance(store, S3Store):
-        pytest.skip("S3 only")
+    store = s3_store
     data = os.urandom(2 * PART_BYTES + 12345)  # three parts, the last one short
     size, sha = store.put_stream("big/blob.bin", _pieces(data, (3_000_000, 5, 777_777)))
     assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest())
