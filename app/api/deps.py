@@ -6,10 +6,12 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
+from app.db.session import get_read_engine
 from app.errors import Unauthorized
 from app.services.auth import AuthCache, Principal, authenticate, hash_key
 from app.storage import ArtifactStore
@@ -49,7 +51,8 @@ StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 CeleryDep = Annotated[Any, Depends(get_celery)]
 
 
-async def get_tenant(request: Request, session: SessionDep) -> Principal:
+def bearer_token(request: Request) -> str:
+    """The request's API key, checked for form only (the database check comes later)."""
     if any(k.lower() in _KEY_PARAMS for k in request.query_params):
         raise Unauthorized("API keys in the query string are refused; send "
                            "'Authorization: Bearer <key>'")
@@ -57,14 +60,30 @@ async def get_tenant(request: Request, session: SessionDep) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing 'Authorization: Bearer <key>' header")
+    return token.strip()
+
+
+def get_auth_cache(request: Request) -> AuthCache:
     cache: AuthCache = request.app.state.auth_cache
-    key_hash = hash_key(token.strip())
+    return cache
+
+
+def get_read_engine_for(request: Request) -> Engine:
+    """The autocommit, no-ping engine of single-statement reads (see get_read_engine)."""
+    settings: Settings = request.app.state.settings
+    return get_read_engine(settings.database_url)
+
+
+async def get_tenant(request: Request, session: SessionDep) -> Principal:
+    token = bearer_token(request)
+    cache = get_auth_cache(request)
+    key_hash = hash_key(token)
     if (hit := cache.get(key_hash)) is not None:
         return hit
 
     def lookup() -> Principal:
         try:
-            return authenticate(session, token.strip())
+            return authenticate(session, token)
         finally:
             session.rollback()  # end the read transaction; the route starts its own work
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -12,9 +14,11 @@ from app.db.models import Dataset, Job, JobStatus, Model
 from app.db.repositories import datasets as dataset_repo
 from app.db.repositories import jobs as repo
 from app.db.repositories import models as model_repo
+from app.db.session import run_read
 from app.engine.errors import InputMismatch
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, NotFound, Unauthorized
 from app.schemas.jobs import JobCreate, JobError, JobOut
+from app.services.auth import Principal
 
 QUEUE_FOR_DEVICE = {"cpu": "cpu", "cuda": "gpu"}
 
@@ -99,3 +103,50 @@ def to_out(job: Job) -> JobOut:
                                                            detail=job.error_detail),
         cancel_requested=job.cancel_requested, created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at)
+
+
+def _out_from_row(row: Any) -> JobOut:
+    return JobOut(
+        id=row["id"], status=row["status"], stage=row["stage"], progress=row["progress"],
+        message=row["message"], attempt=row["attempt"], max_attempts=row["max_attempts"],
+        model_id=row["model_id"], dataset_id=row["dataset_id"],
+        eval_dataset_id=row["eval_dataset_id"], device=row["device"], queue=row["queue"],
+        constraints=row["constraints"], recipe=row["recipe"], metrics=row["metrics"],
+        error=None if row["error_code"] is None else JobError(code=row["error_code"],
+                                                              detail=row["error_detail"]),
+        cancel_requested=row["cancel_requested"], created_at=row["created_at"],
+        started_at=row["started_at"], finished_at=row["finished_at"],
+        updated_at=row["updated_at"])
+
+
+def _principal_from_row(row: Any) -> Principal:
+    """The checks of ``app.services.auth.authenticate``, on the joined row's key columns."""
+    now = utcnow()
+    if row["key_revoked_at"] is not None and row["key_revoked_at"] <= now:
+        raise Unauthorized("API key revoked")
+    if row["key_expires_at"] is not None and row["key_expires_at"] <= now:
+        raise Unauthorized("API key expired")
+    return Principal(tenant_id=row["key_tenant_id"], key_id=row["key_id"])
+
+
+def read_job_json(engine: Engine, key_hash: str, principal: Principal | None,
+                  job_id: str) -> tuple[Principal, bytes]:
+    """GET /v1/jobs/{id} in one statement: (the caller, the JobOut JSON).
+
+    ``principal`` is the auth cache's answer for ``key_hash``; without it the key is checked in
+    the same query as the job is read (a join), so a miss costs no extra round trip. Raises
+    Unauthorized (key unknown, revoked or expired; checked before the job) or NotFound.
+    """
+    def read(conn: Connection) -> Any:
+        if principal is not None:
+            return repo.get_out_row(conn, principal.tenant_id, job_id)
+        return repo.get_out_row_by_key(conn, key_hash, job_id)
+
+    row = run_read(engine, read)
+    if principal is None:
+        if row is None:
+            raise Unauthorized("unknown API key")
+        principal = _principal_from_row(row)
+    if row is None or row["id"] is None:
+        raise NotFound(f"job {job_id} not found")
+    return principal, _out_from_row(row).model_dump_json().encode()

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Connection, RowMapping, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import Job, JobStatus
+from app.db.models import ApiKey, Job, JobStatus
 from app.db.repositories.pagination import page
 
 QUEUED, RUNNING = JobStatus.queued.value, JobStatus.running.value
@@ -31,6 +31,33 @@ def add(session: Session, job: Job) -> Job:
 
 def get(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+
+# What GET /v1/jobs/{id} shows: never ``report`` (large; it has its own route).
+OUT_COLUMNS = (Job.id, Job.status, Job.stage, Job.progress, Job.message, Job.attempt,
+               Job.max_attempts, Job.model_id, Job.dataset_id, Job.eval_dataset_id, Job.device,
+               Job.queue, Job.constraints, Job.recipe, Job.metrics, Job.error_code,
+               Job.error_detail, Job.cancel_requested, Job.created_at, Job.started_at,
+               Job.finished_at, Job.updated_at)
+
+
+def get_out_row(conn: Connection, tenant_id: str, job_id: str) -> RowMapping | None:
+    """The job's public columns (Core, no ORM identity map: this is the polled hot path)."""
+    return conn.execute(select(*OUT_COLUMNS).where(
+        Job.id == job_id, Job.tenant_id == tenant_id)).mappings().first()
+
+
+def get_out_row_by_key(conn: Connection, key_hash: str, job_id: str) -> RowMapping | None:
+    """The API key (``key_tenant_id``, ``key_id``, ``key_revoked_at``, ``key_expires_at``)
+    and, when that key's tenant owns it, the job's public columns (NULL otherwise): the auth
+    lookup and the read in one round trip. None = no such key."""
+    return conn.execute(
+        select(ApiKey.tenant_id.label("key_tenant_id"), ApiKey.id.label("key_id"),
+               ApiKey.revoked_at.label("key_revoked_at"),
+               ApiKey.expires_at.label("key_expires_at"), *OUT_COLUMNS)
+        .select_from(ApiKey)
+        .outerjoin(Job, and_(Job.tenant_id == ApiKey.tenant_id, Job.id == job_id))
+        .where(ApiKey.key_hash == key_hash)).mappings().first()
 
 
 def get_any(session: Session, job_id: str) -> Job | None:
