@@ -12,8 +12,9 @@ candidate are known after prune + quantize + export, before any training, so:
 3. *Expensive phase*: the cost-feasible candidates are sorted in objective order (best first).
    Those after the first one that already meets the quality limit untrained cannot beat it.
    The rest are distilled (quantization-aware, KD from the fp32 teacher) by bisection over
-   that order: distill the middle one; if it becomes feasible only the better ones remain to
-   try, else only the less aggressive ones. Each distilled candidate is recorded; the search
+   that order: distill the middle one; if it becomes feasible only the better-ranked ones
+   remain to try, else only the less pruned ones (quality after distillation falls with the
+   prune ratio, not with the quant scheme). Each distilled candidate is recorded; the search
    stops when the window is empty, the time budget or ``max_distill`` runs out. The result is
    the best feasible candidate by the objective among everything evaluated, not the first
    that passed in grid order.
@@ -240,10 +241,9 @@ def search(
         remaining = deadline - clock() - after_s
         if distilled >= space.max_distill or remaining < space.min_distill_s:
             break
-        # Bisection over the objective order (quality after distillation falls roughly
-        # monotonically with aggressiveness): try the middle one; if it passes, only better
-        # ones are left to try, else only less aggressive ones. log2(n) distillations find the
-        # boundary; each gets an equal share of the time for the steps still expected.
+        # Bisection over the objective order: try the middle one; if it passes, only better
+        # ones are left to try, else only less pruned ones. About log2(n) distillations find
+        # the boundary; each gets an equal share of the time for the steps still expected.
         mid = len(window) // 2
         steps = min(space.max_distill - distilled, math.ceil(math.log2(len(window) + 1)))
         budget = max(space.min_distill_s, remaining / max(steps, 1))
@@ -256,7 +256,13 @@ def search(
         c2 = _candidate(b2.recipe, m2, baseline, constraints, True)
         candidates.append(c2)
         built.append(b2)
-        window = window[:mid] if c2.feasible else window[mid + 1 :]
+        if c2.feasible:
+            window = window[:mid]  # only better-ranked candidates can still beat it
+        else:
+            # Quality after distillation falls with the prune ratio, whatever the quant
+            # scheme: drop this one and every candidate pruned at least as hard.
+            ratio = candidates[i].recipe.prune_ratio
+            window = [j for j in window if candidates[j].recipe.prune_ratio < ratio]
     if distilled == 0:
         why = ("a candidate meets every constraint untrained" if first_ok < len(order)
                else "no candidate meets the size / latency limits" if not order
