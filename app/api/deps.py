@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+from anyio import CapacityLimiter
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -71,7 +72,18 @@ def get_auth_cache(request: Request) -> AuthCache:
 def get_read_engine_for(request: Request) -> Engine:
     """The autocommit, no-ping engine of single-statement reads (see get_read_engine)."""
     settings: Settings = request.app.state.settings
-    return get_read_engine(settings.database_url)
+    return get_read_engine(settings.database_url, settings.read_pool_size)
+
+
+def get_read_limiter(request: Request) -> CapacityLimiter:
+    """Threads for the read path: as many as its pool has connections (not the 40 of the
+    default threadpool, which would contend for the GIL and open overflow connections)."""
+    state = request.app.state
+    limiter: CapacityLimiter | None = getattr(state, "read_limiter", None)
+    if limiter is None:
+        settings: Settings = state.settings
+        limiter = state.read_limiter = CapacityLimiter(settings.read_pool_size)
+    return limiter
 
 
 async def get_tenant(request: Request, session: SessionDep) -> Principal:

@@ -68,20 +68,22 @@ READ_POOL_RECYCLE_S = 1800
 
 
 @lru_cache(maxsize=8)
-def get_read_engine(database_url: str) -> Engine:
+def get_read_engine(database_url: str, pool_size: int = 8) -> Engine:
     """Engine for single-statement reads on the hot path (GET /v1/jobs/{id}).
 
     Postgres: its own small pool, autocommit (a lone SELECT needs no BEGIN/ROLLBACK: one round
     trip instead of three) and no ``pool_pre_ping`` (one more saved). A dead connection (the
     server restarted) fails the statement instead; SQLAlchemy then invalidates every pooled
     connection older than the failure, and callers retry once with a fresh one
-    (``run_read``), so the API still recovers by itself. SQLite: the ordinary engine.
+    (``run_read``), so the API still recovers by itself. No overflow: callers bound their
+    concurrency to ``pool_size`` (connections opened and closed under load cost a Postgres
+    fork each). SQLite: the ordinary engine.
     """
     url = normalize_url(database_url)
     if url.startswith("sqlite"):
         return get_engine(database_url)
     return create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=False,
-                         pool_recycle=READ_POOL_RECYCLE_S, pool_size=10, max_overflow=20)
+                         pool_recycle=READ_POOL_RECYCLE_S, pool_size=pool_size, max_overflow=0)
 
 
 def run_read(engine: Engine, read: Callable[[Connection], T]) -> T:

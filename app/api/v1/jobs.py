@@ -3,9 +3,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
+from anyio import to_thread
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import (
     CeleryDep,
@@ -16,6 +16,7 @@ from app.api.deps import (
     bearer_token,
     get_auth_cache,
     get_read_engine_for,
+    get_read_limiter,
 )
 from app.api.idempotency import commit_and_remember, replay
 from app.api.metrics import JOBS_SUBMITTED
@@ -75,8 +76,9 @@ async def get_job(job_id: str, request: Request) -> Response:
     key_hash = hash_key(bearer_token(request))
     cache = get_auth_cache(request)
     cached = cache.get(key_hash)
-    principal, body = await run_in_threadpool(
-        service.read_job_json, get_read_engine_for(request), key_hash, cached, job_id)
+    principal, body = await to_thread.run_sync(
+        service.read_job_json, get_read_engine_for(request), key_hash, cached, job_id,
+        limiter=get_read_limiter(request))
     if cached is None:
         cache.put(key_hash, principal)
     return Response(body, media_type="application/json")
