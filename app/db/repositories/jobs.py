@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, and_, or_, select, update
+from sqlalchemy import Connection, RowMapping, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -41,23 +41,31 @@ OUT_COLUMNS = (Job.id, Job.status, Job.stage, Job.progress, Job.message, Job.att
                Job.finished_at, Job.updated_at)
 
 
+# Built once with bind parameters: per call, SQLAlchemy reuses the statement's memoized cache
+# key and compiled form instead of rebuilding the expression (measured on this path).
+_OUT_BY_TENANT = select(*OUT_COLUMNS).where(Job.id == bindparam("job_id"),
+                                            Job.tenant_id == bindparam("tenant_id"))
+_OUT_BY_KEY = (
+    select(ApiKey.tenant_id.label("key_tenant_id"), ApiKey.id.label("key_id"),
+           ApiKey.revoked_at.label("key_revoked_at"),
+           ApiKey.expires_at.label("key_expires_at"), *OUT_COLUMNS)
+    .select_from(ApiKey)
+    .outerjoin(Job, and_(Job.tenant_id == ApiKey.tenant_id, Job.id == bindparam("job_id")))
+    .where(ApiKey.key_hash == bindparam("key_hash")))
+
+
 def get_out_row(conn: Connection, tenant_id: str, job_id: str) -> RowMapping | None:
     """The job's public columns (Core, no ORM identity map: this is the polled hot path)."""
-    return conn.execute(select(*OUT_COLUMNS).where(
-        Job.id == job_id, Job.tenant_id == tenant_id)).mappings().first()
+    return conn.execute(_OUT_BY_TENANT, {"job_id": job_id, "tenant_id": tenant_id},
+                        ).mappings().first()
 
 
 def get_out_row_by_key(conn: Connection, key_hash: str, job_id: str) -> RowMapping | None:
     """The API key (``key_tenant_id``, ``key_id``, ``key_revoked_at``, ``key_expires_at``)
     and, when that key's tenant owns it, the job's public columns (NULL otherwise): the auth
     lookup and the read in one round trip. None = no such key."""
-    return conn.execute(
-        select(ApiKey.tenant_id.label("key_tenant_id"), ApiKey.id.label("key_id"),
-               ApiKey.revoked_at.label("key_revoked_at"),
-               ApiKey.expires_at.label("key_expires_at"), *OUT_COLUMNS)
-        .select_from(ApiKey)
-        .outerjoin(Job, and_(Job.tenant_id == ApiKey.tenant_id, Job.id == job_id))
-        .where(ApiKey.key_hash == key_hash)).mappings().first()
+    return conn.execute(_OUT_BY_KEY, {"job_id": job_id, "key_hash": key_hash},
+                        ).mappings().first()
 
 
 def get_any(session: Session, job_id: str) -> Job | None:
