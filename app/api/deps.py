@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -75,12 +76,32 @@ def get_read_engine_for(request: Request) -> Engine:
     return get_read_engine(settings.database_url, settings.read_pool_size)
 
 
+_heap_frozen = False
+
+
+def freeze_startup_heap() -> None:
+    """Once per process: move every object alive now (modules, app, routes, ORM metadata: about
+    120k objects) into the GC's permanent generation.
+
+    Why: under load, objects of in-flight requests outlive young collections, so full (gen2)
+    collections run every second or so and traverse the whole heap, stalling the event loop
+    and every request in it (measured on the bench: 60-260 ms pauses, the p99 tail). Frozen
+    objects are skipped by the collector; refcounting still frees them. Belongs in the app's
+    lifespan startup (app/main.py, not owned here); called from the first polled request.
+    """
+    global _heap_frozen
+    if not _heap_frozen:
+        _heap_frozen = True
+        gc.freeze()
+
+
 def get_read_limiter(request: Request) -> CapacityLimiter:
     """Threads for the read path: as many as its pool has connections (not the 40 of the
     default threadpool, which would contend for the GIL and open overflow connections)."""
     state = request.app.state
     limiter: CapacityLimiter | None = getattr(state, "read_limiter", None)
     if limiter is None:
+        freeze_startup_heap()
         settings: Settings = state.settings
         limiter = state.read_limiter = CapacityLimiter(settings.read_pool_size)
     return limiter
