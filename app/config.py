@@ -72,11 +72,6 @@ class Settings(BaseSettings):
     # stops working after at most this long; 0 = look up on every request.
     auth_cache_s: float = 2.0
 
-    # --- hot read path (GET /v1/jobs/{id}) -------------------------------------------------
-    # Per API process: connections of its read pool and threads running its queries (equal,
-    # so a query never waits for, or opens, a connection beyond the pool: opening one costs
-    # a Postgres fork, several ms).
-    read_pool_size: int = 8
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
-from app.db.session import get_read_engine
+from app.db.session import READ_POOL_SIZE, get_read_engine
 from app.errors import Unauthorized
 from app.services.auth import AuthCache, Principal, authenticate, hash_key
 from app.storage import ArtifactStore
@@ -73,7 +73,7 @@ def get_auth_cache(request: Request) -> AuthCache:
 def get_read_engine_for(request: Request) -> Engine:
     """The autocommit, no-ping engine of single-statement reads (see get_read_engine)."""
     settings: Settings = request.app.state.settings
-    return get_read_engine(settings.database_url, settings.read_pool_size)
+    return get_read_engine(settings.database_url)
 
 
 _heap_frozen = False
@@ -102,8 +102,7 @@ def get_read_limiter(request: Request) -> CapacityLimiter:
     limiter: CapacityLimiter | None = getattr(state, "read_limiter", None)
     if limiter is None:
         freeze_startup_heap()
-        settings: Settings = state.settings
-        limiter = state.read_limiter = CapacityLimiter(settings.read_pool_size)
+        limiter = state.read_limiter = CapacityLimiter(READ_POOL_SIZE)
     return limiter
 
 
