@@ -72,7 +72,6 @@ class Settings(BaseSettings):
     # stops working after at most this long; 0 = look up on every request.
     auth_cache_s: float = 2.0
 
-
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
         if not (self.job_soft_time_limit_s < self.job_hard_time_limit_s
