@@ -6,14 +6,23 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.api.idempotency import commit_and_remember
+from app.api.metrics import UPLOAD_BYTES
 from app.errors import PayloadTooLarge, UnsupportedMediaType
+from app.services.idempotency import StoredResponse
+from app.services.uploads import discard
+from app.storage import ArtifactStore
 
+DEFAULT_STEMS = {"model": "model", "dataset": "data"}
 WRITE_BYTES = 1024 * 1024  # buffer this much before a write: fewer syscalls, bounded memory
 
 
@@ -93,3 +102,50 @@ async def receive_to_file(request: Request, cap_bytes: int, tmp_dir: Path | None
 def _consume(f: object, digest: object, data: bytes) -> None:
     f.write(data)  # type: ignore[attr-defined]
     digest.update(data)  # type: ignore[attr-defined]
+
+
+async def store_upload(
+    request: Request,
+    session: Session,
+    store: ArtifactStore,
+    tenant_id: str,
+    idempotency_key: str | None,
+    fp: str,
+    *,
+    kind: str,  # metrics label, and the file stem when the client sent no name
+    name: str | None,
+    cap_bytes: int,
+    tmp_dir: Path | None,
+    detect_format: Callable[[str | None, bytes], str],
+    ingest: Callable[[Path, str], Any],
+    render: Callable[[Any], str],
+    location_prefix: str,
+) -> Response:
+    """The shared body of the upload routes: stream, sniff, ingest, commit, answer 201.
+
+    ``ingest(path, fmt)`` validates and stores the file and adds its row (flushed, not
+    committed); ``render(row)`` gives the JSON body. The commit goes with the idempotency
+    record; if it fails, the stored bytes are deleted, so nothing is left half-written.
+    """
+    received = await receive_to_file(request, cap_bytes, tmp_dir)
+    UPLOAD_BYTES.labels(kind).inc(received.size)
+    try:
+        fmt = detect_format(name, received.head)
+        path = received.rename(name or f"{DEFAULT_STEMS.get(kind, kind)}.{fmt}")
+
+        def work() -> StoredResponse:
+            try:
+                row = ingest(path, fmt)
+            except BaseException:
+                session.rollback()
+                raise
+            out = StoredResponse(201, render(row), {"Location": f"{location_prefix}/{row.id}"})
+            resp, _ = commit_and_remember(session, tenant_id, idempotency_key, fp, out,
+                                          undo=lambda: discard(store, row.storage_key))
+            return resp
+
+        result = await run_in_threadpool(work)
+    finally:
+        received.discard()
+    return Response(result.body, status_code=result.status_code, headers=result.headers,
+                    media_type="application/json")

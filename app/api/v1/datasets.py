@@ -6,17 +6,15 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from app.api.idempotency import commit_and_remember, replay
-from app.api.metrics import UPLOAD_BYTES
-from app.api.uploads import filename_from, receive_to_file
+from app.api.idempotency import replay
+from app.api.uploads import filename_from, store_upload
 from app.api.v1.models import ERRORS, IdemHeader
 from app.db.repositories import datasets as repo
 from app.db.repositories.pagination import CursorError
 from app.errors import NotFound, ValidationFailed
 from app.schemas.datasets import DatasetOut, DatasetPage
 from app.services import idempotency as idem
-from app.services.idempotency import StoredResponse
-from app.services.uploads import clean_filename, data_format, discard, ingest_dataset
+from app.services.uploads import clean_filename, data_format, ingest_dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -42,29 +40,14 @@ async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDe
         raise ValidationFailed("model_id is required: the data is validated against the "
                                "inputs of that model")
     name = clean_filename(filename_from(request, filename))
-    received = await receive_to_file(request, settings.max_dataset_bytes, settings.tmp_dir)
-    UPLOAD_BYTES.labels("dataset").inc(received.size)
-    try:
-        fmt = data_format(name, received.head)
-        path = received.rename(name or f"data.{fmt}")
-
-        def work() -> StoredResponse:
-            try:
-                ds = ingest_dataset(session, store, tenant.tenant_id, path, name, fmt, model_id)
-            except BaseException:
-                session.rollback()
-                raise
-            out = StoredResponse(201, DatasetOut.model_validate(ds).model_dump_json(),
-                                 {"Location": f"/v1/datasets/{ds.id}"})
-            resp, _ = commit_and_remember(session, tenant.tenant_id, idempotency_key, fp, out,
-                                          undo=lambda: discard(store, ds.storage_key))
-            return resp
-
-        result = await run_in_threadpool(work)
-    finally:
-        received.discard()
-    return Response(result.body, status_code=result.status_code, headers=result.headers,
-                    media_type="application/json")
+    return await store_upload(
+        request, session, store, tenant.tenant_id, idempotency_key, fp, kind="dataset",
+        name=name, cap_bytes=settings.max_dataset_bytes, tmp_dir=settings.tmp_dir,
+        detect_format=data_format,
+        ingest=lambda path, fmt: ingest_dataset(session, store, tenant.tenant_id, path, name,
+                                                fmt, model_id),
+        render=lambda row: DatasetOut.model_validate(row).model_dump_json(),
+        location_prefix="/v1/datasets")
 
 
 @router.get("", response_model=DatasetPage, responses=ERRORS)

@@ -6,17 +6,15 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from app.api.idempotency import commit_and_remember, replay
-from app.api.metrics import UPLOAD_BYTES
-from app.api.uploads import filename_from, receive_to_file
+from app.api.idempotency import replay
+from app.api.uploads import filename_from, store_upload
 from app.db.repositories import models as repo
 from app.db.repositories.pagination import CursorError
 from app.errors import NotFound, ValidationFailed
 from app.schemas.common import Problem
 from app.schemas.models import ModelOut, ModelPage
 from app.services import idempotency as idem
-from app.services.idempotency import StoredResponse
-from app.services.uploads import clean_filename, discard, ingest_model, model_format
+from app.services.uploads import clean_filename, ingest_model, model_format
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -42,30 +40,14 @@ async def upload_model(request: Request, tenant: TenantDep, session: SessionDep,
         if stored is not None:
             return replay(stored)
     name = clean_filename(filename_from(request, filename))
-    received = await receive_to_file(request, settings.max_model_bytes, settings.tmp_dir)
-    UPLOAD_BYTES.labels("model").inc(received.size)
-    try:
-        fmt = model_format(name, received.head)
-        path = received.rename(name or f"model.{fmt}")
-
-        def work() -> StoredResponse:
-            try:
-                model = ingest_model(session, store, settings, tenant.tenant_id, path, name,
-                                     fmt)
-            except BaseException:
-                session.rollback()
-                raise
-            out = StoredResponse(201, ModelOut.model_validate(model).model_dump_json(),
-                                 {"Location": f"/v1/models/{model.id}"})
-            resp, _ = commit_and_remember(session, tenant.tenant_id, idempotency_key, fp, out,
-                                          undo=lambda: discard(store, model.storage_key))
-            return resp
-
-        result = await run_in_threadpool(work)
-    finally:
-        received.discard()
-    return Response(result.body, status_code=result.status_code, headers=result.headers,
-                    media_type="application/json")
+    return await store_upload(
+        request, session, store, tenant.tenant_id, idempotency_key, fp, kind="model",
+        name=name, cap_bytes=settings.max_model_bytes, tmp_dir=settings.tmp_dir,
+        detect_format=model_format,
+        ingest=lambda path, fmt: ingest_model(session, store, settings, tenant.tenant_id, path,
+                                              name, fmt),
+        render=lambda row: ModelOut.model_validate(row).model_dump_json(),
+        location_prefix="/v1/models")
 
 
 @router.get("", response_model=ModelPage, responses=ERRORS)
