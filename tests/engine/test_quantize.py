@@ -212,3 +212,29 @@ def test_onnx_static_and_fp16(
     assert (onnx_outputs(st, ev)[0].argmax(1) == ref.argmax(1)).mean() >= 0.95
     assert 1.8 <= fp32.stat().st_size / half.stat().st_size <= 2.1
     assert np.abs(onnx_outputs(half, ev)[0] - ref).max() < 0.05
+
+
+def test_qat_graph_has_no_more_requantize_than_ptq(
+    rescnn: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
+) -> None:
+    """QAT-converted int8 must run the same int8 graph as post-training int8.
+
+    Regression: after a functional ``torch.relu`` (ResBlock) the X86 QAT recipe left a quantize
+    point on the conv-bn / add output and ours added one after the relu, giving ONNX
+    DQ -> Conv -> Q -> DQ -> Relu -> Q: four extra requantize pairs that ORT cannot fold
+    (ResCNN QAT int8 ran 9-44 % slower than PTQ int8).
+    """
+    x, _ = data
+    ex = (x[:4],)
+    ptq = export_onnx(quantize_static(rescnn, ex, _calib(x)), ex, tmp_path / "ptq.onnx")
+    p = prepare_qat(rescnn, ex)
+    set_training(p, True)
+    with torch.no_grad():  # observers see data; the structure, not the weights, is tested
+        for (b,) in _calib(x):
+            p(b)
+    qat = export_onnx(convert(p), ex, tmp_path / "qat.onnx")
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    assert [_ops(qat)[k] for k in qdq] == [_ops(ptq)[k] for k in qdq]
+    left_qat, left_ptq = _ort_fused_ops(qat, tmp_path), _ort_fused_ops(ptq, tmp_path)
+    assert [left_qat[k] for k in qdq] == [left_ptq[k] for k in qdq], (left_qat, left_ptq)
+    assert left_qat["QLinearConv"] == left_ptq["QLinearConv"] == 8
