@@ -8,9 +8,11 @@ quantization-aware distillation), or both. Loss per batch:
 - embedding (any other output): ``MSE(s, t) + (1 - cos(s, t))``.
 
 AdamW; held-out quality after every epoch (accuracy with labels, else top-1 agreement with the
-teacher, or mean cosine for embeddings); the best state is kept (the untrained start counts, so
-distillation never returns a worse student than it got); early stopping after ``patience``
-epochs without improvement; the clock is checked between batches against ``time_budget_s``.
+teacher, or mean cosine for embeddings); the best state is kept (a float student's untrained
+start counts, so distillation never returns a worse one than it got; a QAT student's start has
+no quantization ranges yet, so its first trained epoch replaces it); early stopping after
+``patience`` epochs without improvement; the clock is checked between batches against
+``time_budget_s``.
 ``on_progress`` is called once per epoch and may raise (``errors.Cancelled``) to stop the run:
 the exception propagates to the caller.
 """
