@@ -158,7 +158,8 @@ def _get_attr(mod: nn.Module, path: str) -> Any:
     return obj
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+def _parent_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module that holds ``path``'s last part (plain containers created on the way)."""
     *parents, leaf = path.split(".")
     cur = root
     for p in parents:
@@ -167,22 +168,20 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
             nxt = nn.Module()
             cur.add_module(p, nxt)
         cur = nxt
-    cur.add_module(leaf, module)
+    return cur, leaf
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, leaf = _parent_of(root, path)
+    parent.add_module(leaf, module)
 
 
 def _set_tensor(root: nn.Module, path: str, t: torch.Tensor) -> None:
-    *parents, leaf = path.split(".")
-    cur = root
-    for p in parents:
-        nxt = getattr(cur, p, None)
-        if not isinstance(nxt, nn.Module):
-            nxt = nn.Module()
-            cur.add_module(p, nxt)
-        cur = nxt
+    parent, leaf = _parent_of(root, path)
     if isinstance(t, nn.Parameter):
-        cur.register_parameter(leaf, t)
+        parent.register_parameter(leaf, t)
     else:
-        cur.register_buffer(leaf, t)
+        parent.register_buffer(leaf, t)
 
 
 def _unique_path(hint: str, taken: set[str], tensors: dict[str, torch.Tensor]) -> str:

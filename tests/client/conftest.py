@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
 from app.config import Settings
 from tests.service import conftest as service
-from tests.service.conftest import REDIS_BASE, new_key
+from tests.service.conftest import new_key
 
 # The service suite's fixtures, registered here by name (pytest collects conftest globals).
 pg_url = service.pg_url
@@ -40,15 +39,7 @@ CLIENT_REDIS_DB = int(os.environ.get("MODELPRESS_TEST_CLIENT_REDIS_DB", "13"))
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    url = f"{REDIS_BASE}/{CLIENT_REDIS_DB}"
-    client = redis.Redis.from_url(url, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as e:
-        pytest.fail(f"Redis unreachable at {url}: {e}", pytrace=False)
-    client.flushdb()
-    yield url
-    client.flushdb()
+    yield from service.flushed_redis_db(CLIENT_REDIS_DB)
 
 
 def free_port() -> int:

@@ -71,7 +71,12 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    url = f"{REDIS_BASE}/{REDIS_DB}"
+    yield from flushed_redis_db(REDIS_DB)
+
+
+def flushed_redis_db(db: int) -> Iterator[str]:
+    """URL of Redis DB ``db``, flushed before and after; FAILS (never skips) if unreachable."""
+    url = f"{REDIS_BASE}/{db}"
     client = redis.Redis.from_url(url, socket_connect_timeout=3)
     try:
         client.ping()
