@@ -190,7 +190,10 @@ def test_cancel_running_job(stack: Stack, uploaded: tuple[str, str]) -> None:
     assert r.status_code == 200 and r.json()["cancel_requested"] is True
     job, _ = wait_for(stack, job_id, TERMINAL, timeout_s=120)
     assert job["status"] == "cancelled" and job["error"]["code"] == "cancelled", job
-    assert job["stage"] == "distill"
+    # Cancelled inside the engine, at a progress point after distillation began. Early
+    # stopping (patience) can end distillation of this easy model before the cancel lands,
+    # so the stage may already be a later one; never an earlier one.
+    assert job["stage"] in {"distill", "evaluate", "export"}, job
     print(f"\ncancel took effect after {time.monotonic() - t0:.1f} s (stage {job['stage']})")
 
 
