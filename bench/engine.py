@@ -155,10 +155,10 @@ def bench_arch(arch: str, data: dict[str, tuple[torch.Tensor, torch.Tensor]], si
     # A small grid keeps the run short on shared cores; the CNN ratios bracket what 6x smaller
     # and 3x faster need with int8; pruned fp32 is a candidate for the depthwise CNN.
     space = SearchSpace(
-        prune_ratios=(0.4, 0.55, 0.7) if cnn else (0.25, 0.4, 0.55),
-        quant_schemes=(("int8_static", "none") if arch == "dwcnn" else ("int8_static",)) if cnn
-        else ("int8_dynamic",),
-        distill_epochs=args.distill_epochs, max_distill=2,
+        prune_ratios=tuple(float(r) for r in (args.cnn_ratios if cnn else "0.25,0.4,0.55")
+                           .split(",")),
+        quant_schemes=("int8_static", "none") if cnn else ("int8_dynamic",),
+        distill_epochs=args.distill_epochs, max_distill=args.max_distill, mixup=args.mixup,
     )
     print(f"[{arch}] fp32 p50 {fp32_b1:.3f} ms, ORT quant {ort_b1:.3f} ms; val acc fp32 "
           f"{accuracy(fp32, xva, yva):.4f}, ORT quant {accuracy(ort_q, xva, yva):.4f}; "
@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", default="rescnn,dwcnn,encoder")
     p.add_argument("--cnn-max-drop", type=float, default=0.005,
                    help="ModelPress max_accuracy_drop for the CNNs (validation split)")
+    p.add_argument("--cnn-ratios", default="0.4,0.55,0.7,0.8",
+                   help="prune ratios of the CNN search grid (each with int8 and fp32)")
+    p.add_argument("--mixup", type=float, default=0.0,
+                   help="Recipe.mixup of every candidate (0 = plain distillation)")
+    p.add_argument("--max-distill", type=int, default=3, help="candidates distilled at most")
     p.add_argument("--repeats", type=int, default=3, help="latency repetitions (median)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", type=Path, default=Path("bench/out"))

@@ -340,7 +340,8 @@ class StageEvaluator:
             if n_ep <= 0 or left <= 1.0:
                 continue
             cfg = DistillConfig(epochs=n_ep, temperature=recipe.temperature, alpha=recipe.alpha,
-                                lr=lr, time_budget_s=left * share, seed=recipe.seed)
+                                lr=lr, time_budget_s=left * share, seed=recipe.seed,
+                                mixup=recipe.mixup)
             rep = distill(student.to(self.device), teacher, self.train, self.val, cfg,
                           device=self.device, on_progress=self.clock.progress)
             student = rep.student

@@ -111,6 +111,7 @@ class Recipe:
     alpha: float = 0.7  # weight of the KL term vs cross-entropy
     lr: float = 1e-3
     seed: int = 0
+    mixup: float = 0.0  # Beta(mixup, mixup) input mixing during distillation; 0 = off
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -41,6 +41,8 @@ class RecipeIn(BaseModel):
     alpha: float = Field(0.7, ge=0, le=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = Field(0, ge=0)
+    # Distillation on mixed pairs of samples labelled by the teacher (float inputs only).
+    mixup: float = Field(0.0, ge=0, le=10)
 
 
 class JobCreate(BaseModel):

@@ -83,6 +83,7 @@ class SearchSpace:
     lr: float = 5e-3
     max_distill: int = 4  # candidates distilled at most
     min_distill_s: float = 5.0  # do not start a distillation with less time than this left
+    mixup: float = 0.0  # distillation input mixing (Recipe.mixup) of every candidate
 
     def grid(self, seed: int) -> list[Recipe]:
         out: list[Recipe] = []
@@ -92,7 +93,7 @@ class SearchSpace:
                     continue  # that is the baseline itself: never smaller, never faster
                 out.append(
                     Recipe(prune_ratio=ratio, quant=quant, importance=self.importance,  # type: ignore[arg-type]
-                           distill_epochs=0, lr=self.lr, seed=seed)
+                           distill_epochs=0, lr=self.lr, seed=seed, mixup=self.mixup)
                 )
         return out
 

@@ -7,8 +7,16 @@ quantization-aware distillation), or both. Loss per batch:
   + (1 - alpha) * CE(s, labels)`` with labels, else the KL term alone;
 - embedding (any other output): ``MSE(s, t) + (1 - cos(s, t))``.
 
+Optional mixup (``DistillConfig.mixup``, float inputs only): each training batch is a convex
+mix of pairs of samples, and the teacher labels the mixed batch itself ("consistent teaching",
+Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and consistent"), so the
+student matches the teacher between the training points too, not only on them; the
+cross-entropy term mixes the two labels with the same weight.
+
 AdamW; held-out quality after every epoch (accuracy with labels, else top-1 agreement with the
-teacher, or mean cosine for embeddings); the best state is kept (a float student's untrained
+teacher, or mean cosine for embeddings), ties broken by the held-out distillation loss (a
+300-sample accuracy moves in steps of 0.33 points, so equal accuracy with a lower loss is still
+progress); the best state is kept (a float student's untrained
 start counts, so distillation never returns a worse one than it got; a QAT student's start has
 no quantization ranges yet, so its first trained epoch replaces it); early stopping after
 ``patience`` epochs without improvement; the clock is checked between batches against
@@ -66,12 +74,17 @@ class DistillConfig:
     min_delta: float = 1e-4  # smallest holdout gain that counts as an improvement
     task: Task = "auto"  # "auto": classifier if labels or 2-D (N, C>1) outputs
     seed: int = 0  # shuffling order
+    # Beta(mixup, mixup) mixing weight per sample; 0 = off. Needs float inputs (not token
+    # ids) and costs one teacher forward pass per batch.
+    mixup: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("epochs >= 0, batch_size >= 1 and patience >= 1 are required")
         if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0 or self.lr <= 0:
             raise ValueError("alpha in [0, 1], temperature > 0 and lr > 0 are required")
+        if self.mixup < 0:
+            raise ValueError("mixup (the Beta distribution parameter) must be >= 0")
 
 
 @dataclass
@@ -122,7 +135,9 @@ def _loss(
     y: torch.Tensor | None,
     classifier: bool,
     config: DistillConfig,
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """KD loss of a batch; ``mix`` = (weights (N,), partner labels (N,)) of a mixup batch."""
     if not classifier:
         s2, t2 = s.flatten(1), t.flatten(1)
         return F.mse_loss(s2, t2) + (1.0 - F.cosine_similarity(s2, t2, dim=1)).mean()
@@ -133,7 +148,33 @@ def _loss(
     ) * (temp * temp)  # T^2 keeps the gradient scale independent of T
     if y is None:
         return kl
-    return config.alpha * kl + (1.0 - config.alpha) * F.cross_entropy(s, y)
+    if mix is None:
+        ce = F.cross_entropy(s, y)
+    else:
+        lam, y2 = mix
+        ce = (lam * F.cross_entropy(s, y, reduction="none")
+              + (1.0 - lam) * F.cross_entropy(s, y2, reduction="none")).mean()
+    return config.alpha * kl + (1.0 - config.alpha) * ce
+
+
+def _mixup(
+    xs: Sequence[torch.Tensor], alpha: float, gen: torch.Generator
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """Mixed batch, per-sample weights lam (N,) and the partner index of each sample."""
+    n = int(xs[0].shape[0])
+    beta = torch.distributions.Beta(alpha, alpha)
+    # torch's Beta sampler takes no generator: sample it under a forked global RNG seeded
+    # from ``gen``, so the run stays deterministic and the caller's RNG state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        lam = beta.sample((n,))
+    lam = torch.maximum(lam, 1.0 - lam)  # the sample keeps the larger share: its label leads
+    partner = torch.randperm(n, generator=gen)
+    mixed = []
+    for x in xs:
+        w = lam.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        mixed.append(w * x + (1.0 - w) * x[partner.to(x.device)])
+    return tuple(mixed), lam, partner
 
 
 def _has_fake_quant(model: nn.Module) -> bool:
@@ -196,12 +237,17 @@ def distill(
         raise ValueError(f"classifier distillation needs (N, C) logits, got {tuple(t_train.shape)}")
     y_dev = None if y is None else y.to(device)
     hy_dev = None if hy is None or not classifier else hy.to(device)
+    mixup = config.mixup > 0 and all(torch.is_floating_point(x) for x in xs)
+    if mixup:
+        teacher.to(device)  # labels every mixed batch
 
-    def evaluate() -> tuple[float, QualityKind]:
+    def evaluate() -> tuple[float, QualityKind, float]:
         set_training(student, False)
-        return _quality(_predict(student, hx, bs, device), t_hold, hy_dev, classifier)
+        out = _predict(student, hx, bs, device)
+        q, k = _quality(out, t_hold, hy_dev, classifier)
+        return q, k, float(_loss(out, t_hold, hy_dev, classifier, config))
 
-    best, kind = evaluate()
+    best, kind, best_loss = evaluate()
     initial = best
     # A fresh QAT student has never observed data: its ranges are (inf, -inf), so its start
     # state cannot be converted (torchao: "min inf should be less than max -inf"). The first
@@ -236,24 +282,37 @@ def distill(
             idx = perm[i : i + bs]
             if len(idx) < 2:  # batch norm in train mode cannot normalise one sample
                 continue
-            s = _first(student(*(x[idx].to(device) for x in xs)))
-            loss = _loss(s, t_train[idx.to(device)], None if y_dev is None else y_dev[idx],
-                         classifier, config)
+            batch = tuple(x[idx].to(device) for x in xs)
+            yb = None if y_dev is None else y_dev[idx.to(device)]
+            mix = None
+            if mixup:
+                batch, lam, partner = _mixup(batch, config.mixup, gen)
+                with torch.no_grad():
+                    tb = _first(teacher(*batch)).float()
+                if yb is not None:
+                    mix = (lam.to(device), yb[partner.to(device)])
+            else:
+                tb = t_train[idx.to(device)]
+            s = _first(student(*batch))
+            loss = _loss(s, tb, yb, classifier, config, mix)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
         if seen:
-            quality, kind = evaluate()
+            quality, kind, hold_loss = evaluate()
         else:
-            quality = math.nan
+            quality, hold_loss = math.nan, math.nan
         history.append({
             "epoch": float(epoch), "train_loss": total / seen if seen else math.nan,
-            "holdout_quality": quality, "seconds": time.monotonic() - start,
+            "holdout_quality": quality, "holdout_loss": hold_loss,
+            "seconds": time.monotonic() - start,
         })
-        if seen and quality > best + config.min_delta:
-            best, best_epoch, stale = quality, epoch, 0
+        better = quality > best + config.min_delta or (
+            quality >= best - 1e-12 and hold_loss < best_loss * (1.0 - 1e-3))
+        if seen and better:
+            best, best_loss, best_epoch, stale = quality, hold_loss, epoch, 0
             best_state = copy.deepcopy(student.state_dict())
         else:
             stale += 1
@@ -268,6 +327,7 @@ def distill(
             reason = "early_stopping"
             break
 
+    teacher.to(teacher_device)
     student.load_state_dict(best_state)
     if quant_aware and best_epoch == 0:
         _calibrate_observers(student, xs, bs, device)
