@@ -72,8 +72,10 @@ def ingest_model(session: Session, store: ArtifactStore, settings: Settings, ten
     """Inspect ``path`` in the sandbox, store it, add the row (flushed, not committed)."""
     from app.engine.formats.sandbox import inspect_model
 
+    # An upload is one file: an ONNX model may not refer to external data files.
     info = inspect_model(path, timeout_s=settings.inspect_timeout_s,
-                         memory_mb=settings.inspect_memory_mb)
+                         memory_mb=settings.inspect_memory_mb, network=settings.sandbox_network,
+                         onnx_external_data=False, tmp_dir=settings.tmp_dir)
     model_id = new_id()
     key = f"models/{tenant_id}/{model_id}/model.{fmt}"
     size, sha = store.put_stream(key, file_chunks(path))
