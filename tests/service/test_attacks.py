@@ -490,3 +490,27 @@ def test_loader_failure_is_clear_and_api_survives(
     # The API process is alive and still serves (the same process: TestClient is in-process).
     assert client.get("/v1/models", headers=auth).status_code == 200
     assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(("how", "overrides", "match"), [
+    ("abort", {}, "data loader was killed by signal 6"),
+    ("hog_memory", {"inspect_memory_mb": 1024}, "ran out of memory (limit 1024 MB)"),
+])
+def test_data_loader_failure_is_clear_and_api_survives(
+        app_with: Callable[..., TestClient], key: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch, how: str, overrides: dict[str, object],
+        match: str) -> None:
+    """Data files are parsed in the same sandbox child: its death is the child's alone."""
+    monkeypatch.setattr(sandbox, "DATA_TARGET", f"{PROBES}:{how}")
+    client = app_with(**overrides)
+    auth = {"Authorization": f"Bearer {key}"}
+    model_id = _seed_model(settings, key)
+    buf = io.BytesIO()
+    np.savez(buf, x=np.zeros((16, 1, 8, 8), np.float32))
+    r = client.post(f"/v1/datasets?model_id={model_id}&filename=data.npz",
+                    content=buf.getvalue(), headers=auth)
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "loader_failed" and match in r.json()["detail"], r.json()
+    assert _stored(settings) == (1, 0, 0)
+    assert _tmp_left(settings) == [] and _sandbox_children() == []
+    assert client.get("/v1/datasets", headers=auth).status_code == 200

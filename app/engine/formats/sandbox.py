@@ -40,17 +40,29 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from app.engine.errors import EngineError, InvalidModel, LoaderCrashed, UnsafeModel
-from app.engine.types import ModelInfo, TensorSpec
+from app.engine.errors import (
+    EngineError,
+    InputMismatch,
+    InvalidData,
+    InvalidModel,
+    LoaderCrashed,
+    UnsafeModel,
+)
+from app.engine.types import DatasetInfo, ModelInfo, TensorSpec
 
 _ROOT = str(Path(__file__).resolve().parents[3])  # the repo / site dir holding `app`
 _RESULT_TAG = "MODELPRESS_SANDBOX_RESULT "
 # What the child runs: "module:function" taking (path, fmt) and returning a JSON-able dict.
-# Production never changes it; tests point it at probes to run code in the real child.
+# Production never changes them; tests point them at probes to run code in the real child.
 INSPECT_TARGET = "app.engine.formats.sandbox:_inspect_in_child"
+DATA_TARGET = "app.engine.formats.sandbox:_inspect_data_in_child"
+# Trusted libraries imported before the audit hook is installed (per format).
+_PRELOAD = {"pt2": ("torch",), "onnx": ("onnx", "onnxruntime"), "npz": ("numpy",),
+            "safetensors": ("numpy", "safetensors.numpy")}
 NetworkMode = Literal["isolate", "hook_only"]
 NETWORK_MODES: tuple[NetworkMode, ...] = ("isolate", "hook_only")
 _CLONE_NEWNET = 0x40000000  # <linux/sched.h>
@@ -62,6 +74,8 @@ _BLOCKED_EVENTS = frozenset({
 _ERRORS: dict[str, type[EngineError]] = {
     InvalidModel.code: InvalidModel,
     UnsafeModel.code: UnsafeModel,
+    InvalidData.code: InvalidData,
+    InputMismatch.code: InputMismatch,
 }
 
 log = logging.getLogger(__name__)
@@ -185,6 +199,21 @@ def _inspect_in_child(path: Path, fmt: str, *, onnx_external_data: bool = True
             "parameters": params}
 
 
+def _inspect_data_in_child(path: Path, fmt: str, *, inputs: list[dict[str, Any]],
+                           min_samples: int = 1) -> dict[str, Any]:
+    from app.engine.formats.data import inspect_dataset
+
+    specs = [TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in inputs]
+    try:
+        info = inspect_dataset(path, specs, min_samples=min_samples)
+    except (EngineError, MemoryError):
+        raise
+    except Exception as e:  # a reader bug on this file: the file is what we cannot read
+        raise InvalidData(f"cannot read {path.name!r}: {type(e).__name__}: {e}"[:2000]) from e
+    return {"samples": info.samples, "inputs": [s.__dict__ for s in info.inputs],
+            "has_labels": info.has_labels, "num_classes": info.num_classes}
+
+
 def _netns() -> str:
     """Identity of this process's network namespace (``net:[inode]``), '' if unknown."""
     try:
@@ -241,12 +270,10 @@ def _child_main() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, 64 << 20))  # no big writes anywhere
 
     # Heavy imports happen before the audit hook so that only the untrusted work is watched.
-    if fmt == "onnx":
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    elif fmt == "pt2":
-        import torch  # noqa: F401
     import importlib
+
+    for module in _PRELOAD.get(fmt, ()):
+        importlib.import_module(module)
 
     module_name, _, func_name = str(cfg["target"]).partition(":")
     target = getattr(importlib.import_module(module_name), func_name)
@@ -324,16 +351,45 @@ def inspect_model(path: Path, *, timeout_s: float = 120, memory_mb: int = 4096,
                      parameters=int(ok["parameters"]), size_bytes=size, sha256=digest)
 
 
+def inspect_data_file(path: Path, model_inputs: Sequence[TensorSpec], *, timeout_s: float = 120,
+                      memory_mb: int = 4096, network: NetworkMode = "isolate",
+                      tmp_dir: Path | None = None) -> DatasetInfo:
+    """``data.inspect_dataset`` of an untrusted .npz / .safetensors, in the sandboxed child.
+
+    The same child as ``inspect_model`` (network namespace, limits, audit hook), so a hostile
+    data file can exhaust only the child's ``memory_mb`` and ``timeout_s``, never the caller.
+    Raises InvalidData / InputMismatch like ``inspect_dataset``, LoaderCrashed like
+    ``inspect_model``.
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise InvalidData(f"data file {path.name!r} does not exist")
+    size = path.stat().st_size
+    digest = sha256_file(path)
+    suffix = path.suffix.lower().lstrip(".")
+    ok = run_in_sandbox(DATA_TARGET, path, suffix if suffix in ("npz", "safetensors") else "data",
+                        timeout_s=timeout_s, memory_mb=memory_mb, network=network,
+                        tmp_dir=tmp_dir, what="data",
+                        options={"inputs": [s.__dict__ for s in model_inputs]})
+    return DatasetInfo(
+        samples=int(ok["samples"]),
+        inputs=tuple(TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in ok["inputs"]),
+        has_labels=bool(ok["has_labels"]),
+        num_classes=None if ok["num_classes"] is None else int(ok["num_classes"]),
+        sha256=digest, size_bytes=size)
+
+
 def run_in_sandbox(target: str, path: Path, fmt: str, *, timeout_s: float, memory_mb: int,
                    network: NetworkMode = "isolate", audit_hook: bool = True,
                    tmp_dir: Path | None = None, options: dict[str, Any] | None = None,
-                   ) -> dict[str, Any]:
+                   what: str = "model") -> dict[str, Any]:
     """Run ``target`` ("module:function", called as ``f(path, fmt, **options)``; JSON-able
     options) in the sandboxed child.
 
     Returns the function's dict; re-raises its EngineError; LoaderCrashed for a dead, killed,
-    timed-out or un-isolated child. ``audit_hook=False`` exists for tests that prove the
-    network namespace alone blocks connections; production always keeps the hook.
+    timed-out or un-isolated child (``what`` names the loader in messages).
+    ``audit_hook=False`` exists for tests that prove the network namespace alone blocks
+    connections; production always keeps the hook.
     """
     if network not in NETWORK_MODES:
         raise ValueError(f"network must be one of {NETWORK_MODES}, got {network!r}")
@@ -364,7 +420,7 @@ def run_in_sandbox(target: str, path: Path, fmt: str, *, timeout_s: float, memor
                 _kill_group(proc)
                 proc.wait()
                 raise LoaderCrashed(
-                    f"model loader timed out after {timeout_s:g} s on {path.name!r}",
+                    f"{what} loader timed out after {timeout_s:g} s on {path.name!r}",
                     details={"timeout_s": timeout_s}) from None
             finally:
                 if proc.poll() is None:
@@ -377,13 +433,13 @@ def run_in_sandbox(target: str, path: Path, fmt: str, *, timeout_s: float, memor
                else f"exited with code {proc.returncode}")
         tail = err.decode(errors="replace").strip().splitlines()[-3:]
         raise LoaderCrashed(
-            f"model loader {how} on {path.name!r} (memory limit {memory_mb} MB): "
+            f"{what} loader {how} on {path.name!r} (memory limit {memory_mb} MB): "
             + " | ".join(tail)[-800:],
             details={"returncode": proc.returncode},
         )
     if "isolation_failed" in result:
         raise LoaderCrashed(
-            "the model sandbox cannot isolate the loader from the network "
+            f"the {what} sandbox cannot isolate the loader from the network "
             f"({result['isolation_failed']}); nothing was loaded. Give the API/worker "
             "CAP_SYS_ADMIN or allow user namespaces, or set MODELPRESS_SANDBOX_NETWORK="
             "hook_only to accept the weaker audit-hook-only sandbox (see SECURITY.md)",
@@ -391,7 +447,7 @@ def run_in_sandbox(target: str, path: Path, fmt: str, *, timeout_s: float, memor
     parent_ns = _netns()
     if network == "isolate" and parent_ns and result.get("netns") == parent_ns:
         # The child checked this before loading anything; seeing it here means a bug.
-        raise LoaderCrashed("model loader ran in the host's network namespace")
+        raise LoaderCrashed(f"{what} loader ran in the host's network namespace")
     if "crash" in result:
         raise LoaderCrashed(str(result["crash"]))
     if "error" in result:
