@@ -299,12 +299,12 @@ def test_hostile_model_upload_refused(client: TestClient, auth: dict[str, str],
     expect = MODEL_CASES[case]
     r = client.post(f"/v1/models?filename={expect.filename}", content=hostile_models[case],
                     headers={**auth, "Content-Type": "application/octet-stream"})
+    assert not (markers / case).exists(), f"the payload ran: {r.status_code} {r.text}"
     assert r.status_code == 422, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     problem = r.json()
     assert problem["code"] == expect.code, problem
     assert expect.match in problem["detail"], problem
-    assert not (markers / case).exists(), "the payload ran"
     assert _stored(settings) == (0, 0, 0)
     assert _tmp_left(settings) == []
 
@@ -331,11 +331,11 @@ def test_hostile_data_upload_refused(client: TestClient, auth: dict[str, str], k
     r = client.post(f"/v1/datasets?model_id={model_id}&filename={expect.filename}",
                     content=hostile_data[case],
                     headers={**auth, "Content-Type": "application/octet-stream"})
+    assert not (markers / case).exists(), f"the payload ran: {r.status_code} {r.text}"
     assert r.status_code == 422, r.text
     problem = r.json()
     assert problem["code"] == expect.code, problem
     assert expect.match in problem["detail"], problem
-    assert not (markers / case).exists(), "the payload ran"
     assert _stored(settings) == (1, 0, 0)  # the seeded model row only
     assert _tmp_left(settings) == []
 
