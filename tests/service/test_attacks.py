@@ -398,11 +398,10 @@ def test_sandbox_child_cannot_reach_postgres_or_redis(tmp_path: Path) -> None:
     assert all("not allowed in the model sandbox" in v for v in hooked["results"].values())
 
 
-def test_isolate_fails_closed_where_namespaces_are_forbidden(tmp_path: Path) -> None:
-    """Where neither unshare(CLONE_NEWNET) nor an unprivileged user namespace is allowed,
-    ``isolate`` refuses to load anything (loader_failed naming the setting) and only the
-    explicit ``hook_only`` runs the loader. Simulated for real: a user namespace whose
-    max_user_namespaces is 0, entered with no capabilities."""
+def _sandbox_without_caps(tmp_path: Path, forbid_user_namespaces: bool) -> dict[str, Any]:
+    """Run the connect probe (audit hook off) in both modes from a parent with NO
+    capabilities (like a non-root container), inside a user namespace of our own; optionally
+    with max_user_namespaces = 0 there, so that no namespace at all can be made below it."""
     script = tmp_path / "try.py"
     script.write_text(
         "import json, sys\n"
@@ -414,23 +413,43 @@ def test_isolate_fails_closed_where_namespaces_are_forbidden(tmp_path: Path) -> 
         "for mode in ('isolate', 'hook_only'):\n"
         "    try:\n"
         f"        r = run_in_sandbox('{PROBES}:connect', Path(sys.argv[1]), 'probe',\n"
-        "                           timeout_s=60, memory_mb=1024, network=mode)\n"
+        "                           timeout_s=60, memory_mb=1024, network=mode,\n"
+        "                           audit_hook=False)\n"
         "        out[mode] = {'ok': r['results']}\n"
         "    except LoaderCrashed as e:\n"
         "        out[mode] = {'loader_failed': e.message}\n"
         "print(json.dumps(out))\n")
     targets = tmp_path / "targets.json"
     targets.write_text(json.dumps(_local_servers()[:1]))
-    inner = (f"echo 0 > /proc/sys/user/max_user_namespaces && exec setpriv --bounding-set=-all "
-             f"--inh-caps=-all {sys.executable} {script} {targets}")
+    targets.chmod(0o600)  # like an upload: readable by its owner only
+    forbid = "echo 0 > /proc/sys/user/max_user_namespaces && " if forbid_user_namespaces else ""
+    inner = (f"{forbid}exec setpriv --bounding-set=-all --inh-caps=-all "
+             f"{sys.executable} {script} {targets}")
     proc = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c", inner],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def test_isolate_fails_closed_where_namespaces_are_forbidden(tmp_path: Path) -> None:
+    """Where neither unshare(CLONE_NEWNET) nor an unprivileged user namespace is allowed,
+    ``isolate`` refuses to load anything (loader_failed naming the setting) and only the
+    explicit ``hook_only`` runs the loader."""
+    out = _sandbox_without_caps(tmp_path, forbid_user_namespaces=True)
     failed = out["isolate"]["loader_failed"]
     assert "cannot isolate the loader from the network" in failed
     assert "MODELPRESS_SANDBOX_NETWORK" in failed and "EPERM" in failed, failed
     assert "ok" in out["hook_only"], out  # the weaker mode is a choice, and it does run
+
+
+def test_isolate_without_privileges_uses_a_user_namespace(tmp_path: Path) -> None:
+    """No CAP_SYS_ADMIN, but user namespaces allowed (a non-root deployment): the child
+    still gets its own network (the unprivileged CLONE_NEWUSER | CLONE_NEWNET path) and can
+    still read its owner-only input file."""
+    out = _sandbox_without_caps(tmp_path, forbid_user_namespaces=False)
+    assert set(out["isolate"]["ok"].values()) == {"ENETUNREACH"}, out
+    assert set(out["hook_only"]["ok"].values()) == {"connected"}, out  # control
 
 
 @pytest.fixture
