@@ -56,7 +56,8 @@ from app.engine.types import DatasetInfo, ModelInfo, TensorSpec
 
 _ROOT = str(Path(__file__).resolve().parents[3])  # the repo / site dir holding `app`
 _RESULT_TAG = "MODELPRESS_SANDBOX_RESULT "
-# What the child runs: "module:function" taking (path, fmt) and returning a JSON-able dict.
+# What the child runs: "module:function" called as f(path, fmt, **options), returning a
+# JSON-able dict.
 # Production never changes them; tests point them at probes to run code in the real child.
 INSPECT_TARGET = "app.engine.formats.sandbox:_inspect_in_child"
 DATA_TARGET = "app.engine.formats.sandbox:_inspect_data_in_child"
