@@ -14,6 +14,7 @@ import stat
 import struct
 import zipfile
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def safetensors_bytes(header: dict[str, object], data: bytes = b"",
+def safetensors_bytes(header: Mapping[str, object], data: bytes = b"",
                       header_len: int | None = None) -> bytes:
     """A .safetensors file: 8-byte little-endian header length, JSON header, raw data."""
     raw = json.dumps(header).encode()
