@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # The sandboxed loader that inspects uploaded models.
     inspect_timeout_s: float = 120.0
     inspect_memory_mb: int = 4096
+    # Network of that sandbox: "isolate" = a fresh, empty network namespace or the upload
+    # fails closed (loader_failed); "hook_only" = explicitly weaker, no namespace, only a
+    # Python audit hook against sockets (for hosts that forbid namespaces; see SECURITY.md).
+    sandbox_network: Literal["isolate", "hook_only"] = "isolate"
 
     # --- jobs ----------------------------------------------------------------------------
     job_lease_s: float = 60.0  # a claim expires this long after the last heartbeat

@@ -72,8 +72,10 @@ def ingest_model(session: Session, store: ArtifactStore, settings: Settings, ten
     """Inspect ``path`` in the sandbox, store it, add the row (flushed, not committed)."""
     from app.engine.formats.sandbox import inspect_model
 
+    # An upload is one file: an ONNX model may not refer to external data files.
     info = inspect_model(path, timeout_s=settings.inspect_timeout_s,
-                         memory_mb=settings.inspect_memory_mb)
+                         memory_mb=settings.inspect_memory_mb, network=settings.sandbox_network,
+                         onnx_external_data=False, tmp_dir=settings.tmp_dir)
     model_id = new_id()
     key = f"models/{tenant_id}/{model_id}/model.{fmt}"
     size, sha = store.put_stream(key, file_chunks(path))
@@ -88,10 +90,10 @@ def ingest_model(session: Session, store: ArtifactStore, settings: Settings, ten
         raise
 
 
-def ingest_dataset(session: Session, store: ArtifactStore, tenant_id: str, path: Path,
-                   filename: str | None, fmt: str, model_id: str | None) -> Dataset:
+def ingest_dataset(session: Session, store: ArtifactStore, settings: Settings, tenant_id: str,
+                   path: Path, filename: str | None, fmt: str, model_id: str | None) -> Dataset:
     """Validate ``path`` against the model's inputs, store it, add the row."""
-    from app.engine.formats.data import inspect_dataset
+    from app.engine.formats.sandbox import inspect_data_file
 
     if not model_id:
         raise ValidationFailed("model_id is required: the data is validated against the "
@@ -99,7 +101,10 @@ def ingest_dataset(session: Session, store: ArtifactStore, tenant_id: str, path:
     model = model_repo.get(session, tenant_id, model_id)
     if model is None:
         raise NotFound(f"model {model_id} not found")
-    info = inspect_dataset(path, specs(model.inputs))
+    # Parsed in the loader sandbox: a hostile file can exhaust only the child, not the API.
+    info = inspect_data_file(path, specs(model.inputs), timeout_s=settings.inspect_timeout_s,
+                             memory_mb=settings.inspect_memory_mb,
+                             network=settings.sandbox_network, tmp_dir=settings.tmp_dir)
     dataset_id = new_id()
     key = f"datasets/{tenant_id}/{dataset_id}/data.{fmt}"
     size, sha = store.put_stream(key, file_chunks(path))

@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import shutil
-import stat
 import zipfile
 from pathlib import Path
 
@@ -23,39 +22,9 @@ from app.engine.formats.pt2 import check_pt2_archive, load_pt2
 from app.engine.formats.sandbox import inspect_model
 from app.engine.types import TensorSpec
 from examples.zoo import MLP, ResCNN
+from tests.hostile import Touch, add_symlink_member, read_member, rewrite_zip
 
 pytestmark = pytest.mark.engine
-
-
-def rewrite_zip(src: Path, dst: Path, edit: dict[str, bytes | None] | None = None,
-                add: dict[str, bytes] | None = None) -> Path:
-    """Copy a zip member by member; ``edit`` maps a name suffix to new bytes (None = drop)."""
-    edit = edit or {}
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
-        for info in zin.infolist():
-            hit = next((k for k in edit if info.filename.endswith(k)), None)
-            new = zin.read(info) if hit is None else edit[hit]
-            if new is not None:
-                zout.writestr(info, new)
-        root = zin.namelist()[0].split("/", 1)[0]
-        for name, data in (add or {}).items():
-            zout.writestr(name.replace("<root>", root), data)
-    return dst
-
-
-def read_member(path: Path, suffix: str) -> bytes:
-    with zipfile.ZipFile(path) as z:
-        return z.read(next(n for n in z.namelist() if n.endswith(suffix)))
-
-
-class Touch:
-    """A pickle payload that creates a marker file when unpickled (proves nothing ran)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.mkdir, (str(self.marker),))
 
 
 # ---------------------------------------------------------------------------------- good files
@@ -180,11 +149,7 @@ def test_traversal_member_refused(mlp_pt2: Path, tmp_path: Path, name: str) -> N
 def test_symlink_member_refused(mlp_pt2: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt2"
     shutil.copy(mlp_pt2, bad)
-    with zipfile.ZipFile(bad, "a") as z:
-        info = zipfile.ZipInfo("mlp/extra/link")
-        info.create_system = 3
-        info.external_attr = (stat.S_IFLNK | 0o777) << 16
-        z.writestr(info, "/etc/passwd")
+    add_symlink_member(bad, "mlp/extra/link", "/etc/passwd")
     with pytest.raises(UnsafeModel, match="symlink"):
         check_pt2_archive(bad)
 
@@ -265,6 +230,70 @@ def test_onnx_external_symlink_and_range_refused(mlp_onnx: Path, tmp_path: Path)
     onnx.save(model, str(d / "mlp.onnx"))
     with pytest.raises(UnsafeModel, match="outside"):
         check_onnx(d / "mlp.onnx")
+
+
+def _set_external(path: Path, **fields: str) -> None:
+    """Rewrite the first external tensor's external_data fields (location/offset/length)."""
+    model = onnx.load(str(path), load_external_data=False)
+    t = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    entries = {e.key: e for e in t.external_data}
+    for key, value in fields.items():
+        if key in entries:
+            entries[key].value = value
+        else:
+            t.external_data.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def test_onnx_external_hardlink_refused(mlp_onnx: Path, tmp_path: Path) -> None:
+    # A hard link inside the upload folder to a file outside it: relative, no '..', no
+    # symlink, a regular file inside the folder by every path test; only its link count shows.
+    secret = tmp_path / "outside" / "secret.data"
+    secret.parent.mkdir()
+    shutil.copy(mlp_onnx.parent / (mlp_onnx.name + ".data"), secret)
+    bad = onnx_with_location(mlp_onnx, tmp_path / "up", "w.data")
+    os.link(secret, tmp_path / "up" / "w.data")
+    with pytest.raises(UnsafeModel, match="hard link"):
+        check_onnx(bad)
+    with pytest.raises(UnsafeModel, match="hard link"):  # same verdict from the sandbox child
+        inspect_model(bad, timeout_s=60)
+    (tmp_path / "up" / "w.data").unlink()
+    shutil.copy(secret, tmp_path / "up" / "w.data")  # the same bytes as its own file: fine
+    check_onnx(bad)
+
+
+def test_onnx_external_symlinked_folder_refused(mlp_onnx: Path, tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    shutil.copy(mlp_onnx.parent / (mlp_onnx.name + ".data"), tmp_path / "outside" / "w.data")
+    bad = onnx_with_location(mlp_onnx, tmp_path / "up", "sub/w.data")
+    (tmp_path / "up" / "sub").symlink_to(tmp_path / "outside")
+    with pytest.raises(UnsafeModel, match="symlink"):
+        check_onnx(bad)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"offset": "0", "length": "10000000"}, "outside"),  # length past the end
+    ({"offset": "-8"}, "outside"),
+    ({"offset": "many"}, "bad external data offset"),
+])
+def test_onnx_external_bad_range_refused(mlp_onnx: Path, tmp_path: Path,
+                                         fields: dict[str, str], message: str) -> None:
+    d = tmp_path / "up"
+    bad = onnx_with_location(mlp_onnx, d, mlp_onnx.name + ".data")
+    check_onnx(bad)  # untouched range: accepted
+    _set_external(bad, **fields)
+    with pytest.raises((UnsafeModel, InvalidModel), match=message):
+        check_onnx(bad)
+
+
+def test_onnx_single_file_refuses_external_data(mlp_onnx: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidModel, match="single file"):
+        check_onnx(mlp_onnx, external_data=False)  # its own, valid .data file next to it
+    with pytest.raises(InvalidModel, match="single file"):
+        inspect_model(mlp_onnx, timeout_s=60, onnx_external_data=False)
+    bad = onnx_with_location(mlp_onnx, tmp_path / "up", "../../etc/passwd")
+    with pytest.raises(UnsafeModel, match=r"'\.\.'"):  # hostile stays unsafe, not just invalid
+        check_onnx(bad, external_data=False)
 
 
 def test_onnx_truncated_invalid(mlp_onnx: Path, tmp_path: Path) -> None:

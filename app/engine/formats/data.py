@@ -22,12 +22,17 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from app.engine.errors import EngineError, InputMismatch, InvalidData
 from app.engine.types import DatasetInfo, TensorSpec
+
+# torch is imported where tensors are made: reading and validating a file needs numpy only,
+# so the sandboxed data check (formats.sandbox.inspect_data_file) starts without torch.
+if TYPE_CHECKING:
+    import torch
 
 LABELS = "labels"
 MAX_DATA_BYTES = 8 << 30  # uncompressed bytes of one data file
@@ -50,9 +55,13 @@ class Dataset:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """All samples as torch tensors, in input-name order (shares memory with numpy)."""
+        import torch
+
         return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in self.inputs.values())
 
     def label_tensor(self) -> torch.Tensor | None:
+        import torch
+
         return None if self.labels is None else torch.from_numpy(self.labels)
 
     def batches(
@@ -107,7 +116,7 @@ class Dataset:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    from app.engine.formats.pt2 import inspect_zip
+    from app.engine.formats.zipcheck import inspect_zip
 
     try:
         inspect_zip(path, max_uncompressed_bytes=MAX_DATA_BYTES, what="npz file")

@@ -70,7 +70,7 @@ def external_data_files(model: ModelProto, base_dir: Path) -> list[Path]:
     return list(seen.values())
 
 
-def _check_location(tensor: TensorProto, base_dir: Path) -> None:
+def _check_location(tensor: TensorProto, base_dir: Path, *, allowed: bool = True) -> None:
     info = {e.key: e.value for e in tensor.external_data}
     name = tensor.name or "<unnamed>"
     loc = info.get("location")
@@ -86,6 +86,13 @@ def _check_location(tensor: TensorProto, base_dir: Path) -> None:
     if ".." in PurePosixPath(loc).parts:
         raise UnsafeModel(f"tensor {name!r}: external data location {loc!r} contains '..'",
                           details={"tensor": name, "location": loc})
+    if not allowed:
+        # Checked after the hostile forms above so that those are still called unsafe.
+        raise InvalidModel(
+            f"tensor {name!r} keeps its data in an external file {loc!r}, but this ONNX model "
+            "arrived as a single file: save it with every tensor inside "
+            "(onnx.save_model(model, path, save_as_external_data=False))",
+            details={"tensor": name, "location": loc})
     base = base_dir.resolve()
     target = base_dir / loc
     # Walk each component: any symlink (file or intermediate dir) is refused.
@@ -107,6 +114,11 @@ def _check_location(tensor: TensorProto, base_dir: Path) -> None:
     st = target.lstat()
     if not stat.S_ISREG(st.st_mode):
         raise UnsafeModel(f"tensor {name!r}: external data {loc!r} is not a regular file")
+    if st.st_nlink > 1:
+        # A hard link is indistinguishable from the file it links to (/etc/shadow, another
+        # tenant's upload): an upload's own data files have exactly one name.
+        raise UnsafeModel(f"tensor {name!r}: external data {loc!r} is a hard link "
+                          f"({st.st_nlink} names)", details={"tensor": name, "location": loc})
     try:
         offset = int(info.get("offset", "0"))
         length = int(info["length"]) if "length" in info else st.st_size - offset
@@ -118,11 +130,12 @@ def _check_location(tensor: TensorProto, base_dir: Path) -> None:
             f"{loc!r} ({st.st_size} bytes)", details={"tensor": name, "location": loc})
 
 
-def check_onnx(path: Path) -> None:
+def check_onnx(path: Path, *, external_data: bool = True) -> None:
     """Parse without external data, check every external location, then full checker.
 
     Raises UnsafeModel for references that escape the model folder (absolute, ``..``,
-    symlink, out-of-range) and InvalidModel for an unparsable or invalid graph.
+    symlink, hard link, out-of-range) and InvalidModel for an unparsable or invalid graph.
+    ``external_data=False`` (a single-file upload) refuses every external reference.
     """
     path = Path(path)
     if not path.is_file():
@@ -140,7 +153,7 @@ def check_onnx(path: Path) -> None:
         raise InvalidModel(f"{path.name!r} holds no graph (not an ONNX model?)")
     for t in all_tensors(model):
         if t.data_location == TensorProto.EXTERNAL:
-            _check_location(t, path.parent)
+            _check_location(t, path.parent, allowed=external_data)
     try:
         # The path form lets the checker read external data and handle > 2 GiB models.
         onnx.checker.check_model(str(path), full_check=True)
