@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from http import HTTPStatus
 from typing import Any
 
@@ -54,9 +55,13 @@ def database_unavailable(exc: BaseException) -> bool:
     connection dropped, the pool exhausted): transient, so 503 and not 500. OperationalError
     covers refused connections, "terminating connection due to administrator command" and
     "the database system is starting up"; a dropped connection is flagged invalidated."""
-    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    if isinstance(exc, OperationalError) and isinstance(exc.orig, sqlite3.OperationalError):
+        # SQLite reports schema mistakes ("no such table") as OperationalError too: those are
+        # bugs (500); only a busy or unreadable file is transient.
+        return any(m in str(exc.orig) for m in ("locked", "unable to open", "disk I/O"))
+    return isinstance(exc, OperationalError | InterfaceError | PoolTimeout)
 
 
 def _clean_errors(errors: Any) -> list[dict[str, Any]]:

@@ -113,7 +113,7 @@ def test_redis_data_loss_reconciler_resends_queued_jobs(
                 jobs = [_get_job(c, i) for i in ids]
                 return jobs if all(j["status"] in TERMINAL for j in jobs) else None
 
-            jobs = poll("jobs re-sent after the Redis restart and finished", all_done, 180,
+            jobs = poll("jobs re-sent after the Redis restart and finished", all_done, 120,
                         interval_s=0.5, on_timeout=lambda: worker.output()[-4000:]
                         if worker else "")
             for j in jobs:
@@ -185,6 +185,10 @@ def test_postgres_restart_mid_job_503_then_recovers(
                 assert time.monotonic() - t0 < 5, f"{path} took {time.monotonic() - t0:.1f} s"
                 if path != "/readyz":
                     assert int(r.headers["retry-after"]) > 0
+            # A submission while the database is down is refused the same way (and, below,
+            # leaves no job behind).
+            r = c.post("/v1/jobs", json=job_body(up))
+            assert r.status_code == 503 and r.json()["code"] == "unavailable", r.text
             assert c.get("/healthz").status_code == 200  # the process itself is alive
             # Stay down across a few heartbeats and progress writes of the running job.
             time.sleep(max(0.0, 4 - (time.monotonic() - t_down)))
@@ -212,6 +216,8 @@ def test_postgres_restart_mid_job_503_then_recovers(
             assert {"model.onnx", "report.json"} <= {a["name"] for a in arts}, arts
             d = c.get(f"/v1/jobs/{job_id}/artifacts/model.onnx")
             assert d.status_code == 200 and len(d.content) > 0
+            listed = c.get("/v1/jobs").json()["items"]
+            assert [j["id"] for j in listed] == [job_id], listed
             # Neither process was restarted to get here.
             _alive(api.proc, worker)
             assert (api.proc.proc.pid, worker.proc.pid) == pids
@@ -223,3 +229,22 @@ def test_postgres_restart_mid_job_503_then_recovers(
         if not pg.is_running():
             pg.start()  # leave the module's cluster as we found it
         assert os.path.exists(pg.datadir)
+
+
+def test_only_transient_database_errors_are_503() -> None:
+    """The 503 is for "cannot reach the database now"; a schema bug stays a 500."""
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    from app.api.errors import database_unavailable
+
+    def op(orig: Exception) -> OperationalError:
+        return OperationalError("SELECT 1", {}, orig)
+
+    assert database_unavailable(op(psycopg.OperationalError("connection refused")))
+    assert database_unavailable(op(sqlite3.OperationalError("database is locked")))
+    assert not database_unavailable(op(sqlite3.OperationalError("no such table: jobs")))
+    assert not database_unavailable(ProgrammingError("SELECT", {}, Exception("syntax")))
+    assert not database_unavailable(IntegrityError("INSERT", {}, Exception("duplicate")))
