@@ -3,7 +3,7 @@
 #   make run     the embedded default: API on :8000 + one worker, SQLite, no servers
 #   make test    the whole test suite (needs Postgres on :5432 and Redis on :6379)
 #   make lint    ruff, mypy, import-linter
-#   make bench   the benchmarks (engine table, service figures)
+#   make bench   the benchmarks (engine table, service figures, load throughput)
 
 PYTHON ?= python3
 VENV   ?= .venv
