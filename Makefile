@@ -3,7 +3,7 @@
 #   make run     the embedded default: API on :8000 + one worker, SQLite, no servers
 #   make test    the whole test suite (needs Postgres on :5432 and Redis on :6379)
 #   make lint    ruff, mypy, import-linter
-#   make bench   the benchmarks (engine table, service figures)
+#   make bench   the benchmarks (engine table, service figures, load throughput)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.modelpress-installed
 # resolved by pip on an empty venv would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: run test lint bench bench-engine bench-service venv clean
+.PHONY: run test lint bench bench-engine bench-service bench-load venv clean
 
 venv: $(STAMP)
 
@@ -36,13 +36,16 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-bench: bench-engine bench-service
+bench: bench-engine bench-service bench-load
 
 bench-engine: $(STAMP)
 	test ! -f bench/engine.py || $(BIN)/python -m bench.engine
 
 bench-service: $(STAMP)
 	$(BIN)/python -m bench.service
+
+bench-load: $(STAMP)
+	$(BIN)/python -m bench.load
 
 clean:
 	rm -rf var/ .pytest_cache .mypy_cache .ruff_cache

@@ -50,6 +50,10 @@ def create_celery(settings: Settings) -> Celery:
         task_time_limit=settings.job_hard_time_limit_s,
         broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
+        # A broker restart must not cancel running jobs (Celery 6 flips this default): the job
+        # row's lease, not the broker's unacked message, decides who owns a job, and the
+        # reconciler re-sends whatever the broker lost (tests/faults/test_servers.py).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_timeout=5,  # seconds; /readyz and publishing must not hang
         task_queues=(Queue("cpu"), Queue("gpu")),
         task_default_queue="cpu",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine.errors import EngineError
@@ -40,6 +43,25 @@ def problem(status: int, code: str, detail: str | None, *, instance: str | None 
         body["instance"] = instance
     body.update({k: v for k, v in (extra or {}).items() if k not in body})
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+# Seconds a client should wait before retrying while the database is unreachable: about the
+# time a Postgres restart or failover takes.
+DB_RETRY_AFTER_S = 5
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` means "the database cannot be reached now" (down, restarting, the
+    connection dropped, the pool exhausted): transient, so 503 and not 500. OperationalError
+    covers refused connections, "terminating connection due to administrator command" and
+    "the database system is starting up"; a dropped connection is flagged invalidated."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OperationalError) and isinstance(exc.orig, sqlite3.OperationalError):
+        # SQLite reports schema mistakes ("no such table") as OperationalError too: those are
+        # bugs (500); only a busy or unreadable file is transient.
+        return any(m in str(exc.orig) for m in ("locked", "unable to open", "disk I/O"))
+    return isinstance(exc, OperationalError | InterfaceError | PoolTimeout)
 
 
 def _clean_errors(errors: Any) -> list[dict[str, Any]]:
@@ -82,3 +104,14 @@ def install(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem(500, "internal_error", "internal error", instance=request.url.path)
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeout)
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if database_unavailable(exc):
+            log.warning("database unavailable on %s %s: %s", request.method,
+                        request.url.path, type(exc.__cause__ or exc).__name__)
+            return problem(503, "unavailable", "the database is unreachable; retry later",
+                           instance=request.url.path,
+                           headers={"Retry-After": str(DB_RETRY_AFTER_S)})
+        return await _unexpected(request, exc)

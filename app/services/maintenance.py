@@ -5,6 +5,7 @@ Both return the (job id, queue) pairs to (re-)send; the caller commits first, th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
@@ -36,12 +37,28 @@ def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[st
     return to_send
 
 
-def reconcile_queued(session: Session, settings: Settings,
-                     now: datetime | None = None) -> list[tuple[str, str]]:
+def reconcile_queued(session: Session, settings: Settings, now: datetime | None = None,
+                     queue_depth: Callable[[str], int | None] | None = None,
+                     ) -> list[tuple[str, str]]:
     """Queued jobs whose message is older than ``requeue_after_s``: re-send (claims are
-    idempotent, so a duplicate message costs one no-op task)."""
+    idempotent, so a duplicate message costs one no-op task).
+
+    ``queue_depth(queue)`` (messages waiting in the broker, None = unknown) tells a lost
+    message from one still waiting behind long jobs: when a queue holds at least as many
+    messages as it has queued jobs, nothing was lost there and nothing is re-sent. Without it,
+    every job waiting longer than ``requeue_after_s`` would get one more message per pass,
+    and a long backlog would grow a duplicate per job every ``requeue_after_s``.
+    """
     now = now or utcnow()
     stale = repo.stale_queued(session, now - timedelta(seconds=settings.requeue_after_s))
+    if queue_depth is not None and stale:
+        waiting = repo.queued_counts(session)
+        intact = set()
+        for queue in {j.queue for j in stale}:
+            depth = queue_depth(queue)
+            if depth is not None and depth >= waiting.get(queue, 0):
+                intact.add(queue)
+        stale = [j for j in stale if j.queue not in intact]
     for job in stale:
         repo.mark_enqueued(session, job.id, now)
     return [(j.id, j.queue) for j in stale]

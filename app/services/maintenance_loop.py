@@ -17,7 +17,7 @@ from sqlalchemy.pool import NullPool
 from app.config import Settings
 from app.db.session import make_engine
 from app.services import maintenance
-from app.services.queue import send_jobs
+from app.services.queue import queue_depth, send_jobs
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ def run_once(settings: Settings, celery_app: Any, engine: Any) -> tuple[int, int
     """One pass: commit the state changes first, then send. Returns (requeued, resent)."""
     with Session(engine) as session:
         reaped = maintenance.reap_expired(session)
-        stale = maintenance.reconcile_queued(session, settings)
+        stale = maintenance.reconcile_queued(
+            session, settings, queue_depth=lambda q: queue_depth(celery_app, q))
         session.commit()
     send_jobs(celery_app, reaped + stale)
     if reaped or stale:

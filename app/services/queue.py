@@ -26,3 +26,19 @@ def send_jobs(celery_app: Any, items: Iterable[tuple[str, str]]) -> int:
             log.warning("could not send job %s to queue %s; the reconciler will retry",
                         job_id, queue, exc_info=True)
     return sent
+
+
+def queue_depth(celery_app: Any, queue: str) -> int | None:
+    """Messages waiting in ``queue`` on the broker (Redis: the list length; kombu's
+    SQLAlchemy transport: its row count), or None when the broker cannot say right now."""
+    from kombu.exceptions import ChannelError
+
+    try:
+        with celery_app.connection_for_write() as conn:
+            ok = conn.default_channel.queue_declare(queue=queue, passive=True)
+            return int(ok.message_count)
+    except ChannelError:  # kombu's Redis transport: an empty list does not exist, "NOT_FOUND"
+        return 0
+    except Exception:
+        log.warning("could not read the depth of queue %s", queue, exc_info=True)
+        return None

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, and_, bindparam, or_, select, update
+from sqlalchemy import Connection, RowMapping, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -190,3 +190,9 @@ def stale_queued(session: Session, enqueued_before: datetime, limit: int = 100) 
                           or_(Job.enqueued_at.is_(None), Job.enqueued_at < enqueued_before))
         .order_by(Job.created_at).limit(limit)).all()
 
+
+def queued_counts(session: Session) -> dict[str, int]:
+    """Number of queued jobs per broker queue."""
+    rows = session.execute(select(Job.queue, func.count()).where(Job.status == QUEUED)
+                           .group_by(Job.queue)).all()
+    return {queue: int(n) for queue, n in rows}
