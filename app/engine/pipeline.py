@@ -59,6 +59,9 @@ SKIP_DEPTHWISE = False
 # norm and fake-quant ranges oscillate at the high rate). Each phase keeps its best state.
 FIRST_PHASE = 0.6  # fraction of the epochs (and of the time) at the full rate
 FINE_TUNE_LR = 0.1
+# Epochs without held-out gain before a phase stops. A heavily pruned student recovers in
+# bursts: at patience 2 ResCNN pruned 70 % stopped at 77 % accuracy on digits 16x16.
+DISTILL_PATIENCE = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +344,7 @@ class StageEvaluator:
                 continue
             cfg = DistillConfig(epochs=n_ep, temperature=recipe.temperature, alpha=recipe.alpha,
                                 lr=lr, time_budget_s=left * share, seed=recipe.seed,
-                                mixup=recipe.mixup)
+                                mixup=recipe.mixup, patience=DISTILL_PATIENCE)
             rep = distill(student.to(self.device), teacher, self.train, self.val, cfg,
                           device=self.device, on_progress=self.clock.progress)
             student = rep.student
