@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from app.api.metrics import MetricsMiddleware
     from app.api.v1 import datasets, jobs, models
     from app.services.auth import AuthCache
+    from app.services.ratelimit import make_limiter
     from app.storage import get_store
     from workers.celery_app import create_celery
 
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = get_store(settings)
     app.state.celery = create_celery(settings)
     app.state.auth_cache = AuthCache(settings.auth_cache_s)
+    app.state.limiter = make_limiter(settings)
     errors.install(app)
     app.add_middleware(MetricsMiddleware)
     for r in (health_router, models.router, datasets.router, jobs.router):

@@ -20,7 +20,8 @@ PROBLEM = "application/problem+json"
 TYPE_BASE = "https://modelpress.dev/problems/"
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+                 405: "method_not_allowed", 406: "not_acceptable", 408: "upload_timeout",
+                 409: "conflict",
                  413: "payload_too_large", 415: "unsupported_media_type",
                  416: "range_not_satisfiable", 422: "validation_error",
                  429: "too_many_requests", 503: "unavailable"}

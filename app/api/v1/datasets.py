@@ -42,10 +42,10 @@ async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDe
     name = clean_filename(filename_from(request, filename))
     return await store_upload(
         request, session, store, tenant.tenant_id, idempotency_key, fp, kind="dataset",
-        name=name, cap_bytes=settings.max_dataset_bytes, tmp_dir=settings.tmp_dir,
+        name=name, cap_bytes=settings.max_dataset_bytes, settings=settings,
         detect_format=data_format,
-        ingest=lambda path, fmt: ingest_dataset(session, store, tenant.tenant_id, path, name,
-                                                fmt, model_id),
+        ingest=lambda path, fmt: ingest_dataset(session, store, settings, tenant.tenant_id,
+                                                path, name, fmt, model_id),
         render=lambda row: DatasetOut.model_validate(row).model_dump_json(),
         location_prefix="/v1/datasets")
 

@@ -15,6 +15,7 @@ from app.api.deps import (
     TenantDep,
     bearer_token,
     get_auth_cache,
+    get_limiter,
     get_read_engine_for,
     get_read_limiter,
 )
@@ -27,7 +28,8 @@ from app.errors import Conflict, NotFound, RangeNotSatisfiable, ValidationFailed
 from app.schemas.jobs import ArtifactList, ArtifactOut, JobCreate, JobOut, JobPage, JobStatusName
 from app.services import idempotency as idem
 from app.services import jobs as service
-from app.services.auth import hash_key
+from app.services import ratelimit
+from app.services.auth import Principal, hash_key
 from app.services.idempotency import StoredResponse
 from app.services.queue import send_jobs
 
@@ -76,8 +78,13 @@ async def get_job(job_id: str, request: Request) -> Response:
     key_hash = hash_key(bearer_token(request))
     cache = get_auth_cache(request)
     cached = cache.get(key_hash)
+    engine, rate_limiter = get_read_engine_for(request), get_limiter(request)
+
+    def admit(p: Principal) -> None:  # in the read's thread: no extra hop for Redis
+        ratelimit.enforce(rate_limiter, p.tenant_id)
+
     principal, body = await to_thread.run_sync(
-        service.read_job_json, get_read_engine_for(request), key_hash, cached, job_id,
+        service.read_job_json, engine, key_hash, cached, job_id, admit,
         limiter=get_read_limiter(request))
     if cached is None:
         cache.put(key_hash, principal)

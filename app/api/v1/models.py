@@ -42,7 +42,7 @@ async def upload_model(request: Request, tenant: TenantDep, session: SessionDep,
     name = clean_filename(filename_from(request, filename))
     return await store_upload(
         request, session, store, tenant.tenant_id, idempotency_key, fp, kind="model",
-        name=name, cap_bytes=settings.max_model_bytes, tmp_dir=settings.tmp_dir,
+        name=name, cap_bytes=settings.max_model_bytes, settings=settings,
         detect_format=model_format,
         ingest=lambda path, fmt: ingest_model(session, store, settings, tenant.tenant_id, path,
                                               name, fmt),

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, and_, bindparam, or_, select, update
+from sqlalchemy import Connection, RowMapping, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -66,6 +66,12 @@ def get_out_row_by_key(conn: Connection, key_hash: str, job_id: str) -> RowMappi
     lookup and the read in one round trip. None = no such key."""
     return conn.execute(_OUT_BY_KEY, {"job_id": job_id, "key_hash": key_hash},
                         ).mappings().first()
+
+
+def count_active(session: Session, tenant_id: str) -> int:
+    """The tenant's queued + running jobs (what the concurrent-jobs quota counts)."""
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.status.in_((QUEUED, RUNNING)))) or 0
 
 
 def get_any(session: Session, job_id: str) -> Job | None:
