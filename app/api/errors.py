@@ -9,7 +9,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from app.engine.errors import EngineError
 from app.errors import ENGINE_STATUS, AppError
@@ -51,6 +53,15 @@ def _clean_errors(errors: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _allowed(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if (isinstance(route, Route | APIRoute) and route.methods
+                and route.path_regex.match(request.url.path)):
+            methods |= route.methods
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError) -> JSONResponse:
@@ -76,8 +87,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "http_error")
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette names only the first route of the path that matched; a path served by
+            # several routes (GET and POST /v1/models) must list all of them (RFC 9110 §15.5.6).
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed(request))}
         return problem(exc.status_code, code, str(exc.detail), instance=request.url.path,
-                       headers=getattr(exc, "headers", None))
+                       headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -21,7 +21,8 @@ from app.api.deps import (
 )
 from app.api.idempotency import commit_and_remember, replay
 from app.api.metrics import JOBS_SUBMITTED
-from app.api.v1.models import ERRORS, IdemHeader
+from app.api.responses import AUTHED, READ, Responses, problems
+from app.api.v1.models import LOCATION, IdemHeader
 from app.db.repositories import artifacts as artifact_repo
 from app.db.repositories.pagination import CursorError
 from app.errors import Conflict, NotFound, RangeNotSatisfiable, ValidationFailed
@@ -36,7 +37,12 @@ from app.services.queue import send_jobs
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=ERRORS)
+SUBMIT: Responses = {202: {"description": "Accepted: poll the job", "headers": LOCATION},
+                     **problems(*AUTHED, 404, 409)}
+STATEFUL = problems(*AUTHED, 404, 409)
+
+
+@router.post("", status_code=202, response_model=JobOut, responses=SUBMIT)
 def create_job(request: Request, body: JobCreate, tenant: TenantDep, session: SessionDep,
                settings: SettingsDep, celery: CeleryDep,
                idempotency_key: IdemHeader = None) -> Response:
@@ -59,7 +65,7 @@ def create_job(request: Request, body: JobCreate, tenant: TenantDep, session: Se
                     media_type="application/json")
 
 
-@router.get("", response_model=JobPage, responses=ERRORS)
+@router.get("", response_model=JobPage, responses=problems(*AUTHED))
 def list_jobs(tenant: TenantDep, session: SessionDep, status: JobStatusName | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               cursor: str | None = None) -> JobPage:
@@ -70,7 +76,7 @@ def list_jobs(tenant: TenantDep, session: SessionDep, status: JobStatusName | No
     return JobPage(items=[service.to_out(j) for j in rows], next_cursor=nxt)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
+@router.get("/{job_id}", response_model=JobOut, responses=READ)
 async def get_job(job_id: str, request: Request) -> Response:
     """The polled route, kept lean: no Session and no per-request dependencies that hop to
     a thread; one threadpool hop for one SQL statement (auth + job joined when the auth cache
@@ -91,7 +97,7 @@ async def get_job(job_id: str, request: Request) -> Response:
     return Response(body, media_type="application/json")
 
 
-@router.post("/{job_id}:cancel", response_model=JobOut, responses=ERRORS)
+@router.post("/{job_id}:cancel", response_model=JobOut, responses=STATEFUL)
 def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
     """Queued: cancelled at once. Running: stops at its next progress point."""
     job = service.cancel_job(session, tenant.tenant_id, job_id)
@@ -100,7 +106,12 @@ def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
     return out
 
 
-@router.get("/{job_id}/report", responses=ERRORS)
+REPORT: Responses = {200: {"description": "The job's report",
+                           "content": {"application/json": {"schema": {"type": "object"}}}},
+                     **STATEFUL}
+
+
+@router.get("/{job_id}/report", responses=REPORT)
 def get_report(job_id: str, tenant: TenantDep, session: SessionDep) -> JSONResponse:
     job = service.get_job(session, tenant.tenant_id, job_id)
     if job.report is None:
@@ -108,7 +119,7 @@ def get_report(job_id: str, tenant: TenantDep, session: SessionDep) -> JSONRespo
     return JSONResponse(job.report)
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ERRORS)
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=READ)
 def list_artifacts(job_id: str, tenant: TenantDep, session: SessionDep) -> ArtifactList:
     job = service.get_job(session, tenant.tenant_id, job_id)
     rows = artifact_repo.list_for_job(session, job.id)
@@ -146,10 +157,20 @@ def _etag_matches(header: str, etag: str) -> bool:
     return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
 
 
-DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **ERRORS, 200: {"content": {"application/octet-stream": {}}},
-    206: {"description": "Partial content (Range)"}, 304: {"description": "Not modified"},
-    416: {"description": "Range not satisfiable"}}
+# An artifact's own type: the ONNX model and its .data are octet streams, model.pt2 a zip,
+# report.json JSON (see CONTENT_TYPES in app/services/pipeline.py).
+_BINARY = {t: {"schema": {"type": "string", "format": "binary"}}
+           for t in ("application/octet-stream", "application/zip")}
+_FILE = {**_BINARY, "application/json": {"schema": {"type": "object"}}}
+_ETAG = {"ETag": {"description": '"<sha256>"', "schema": {"type": "string"}}}
+DOWNLOAD_RESPONSES: Responses = {
+    200: {"description": "The artifact", "content": _FILE, "headers": _ETAG},
+    # A range of report.json is application/json too, but not a JSON document by itself.
+    206: {"description": "Partial content (Range)",
+          "content": {**_BINARY, "application/json": {}},
+          "headers": {**_ETAG, "Content-Range": {"schema": {"type": "string"}}}},
+    304: {"description": "Not modified (If-None-Match)", "headers": _ETAG},
+    **problems(*AUTHED, 404, 416)}
 
 
 @router.get("/{job_id}/artifacts/{name}", responses=DOWNLOAD_RESPONSES)
