@@ -245,3 +245,38 @@ def test_parallel_uploads_cannot_both_take_the_last_bytes(limited: Settings, key
     rows, chunks = _stored(limited)
     assert rows == before[0] + 1
     assert chunks == before[1] + 1  # one upload's bytes (one chunk); the loser's deleted
+
+
+def test_admin_set_quota_cli(limited: Settings, key: str, pg_url: str) -> None:
+    """``modelpress admin set-quota`` writes the tenant's overrides (only the options given;
+    ``default`` clears one), which the quota checks then use."""
+    import os
+    import subprocess
+    import sys
+
+    from app.db.models import Tenant
+
+    env = {**os.environ, "MODELPRESS_DATABASE_URL": pg_url}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app.cli", "admin", "set-quota",
+                               "--tenant", "tenant-a", *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    def row() -> tuple[int | None, int | None]:
+        with session_factory(limited)() as s:
+            t = s.get(Tenant, _tenant_id(limited, key))
+            assert t is not None
+            return t.max_concurrent_jobs, t.max_stored_bytes
+
+    r = cli("--max-concurrent-jobs", "3", "--max-stored-bytes", "0")
+    assert r.returncode == 0, r.stderr
+    assert "max_concurrent_jobs 3" in r.stdout and "max_stored_bytes unlimited" in r.stdout
+    assert row() == (3, 0)
+    assert cli("--max-concurrent-jobs", "default").returncode == 0
+    assert row() == (None, 0)
+    assert cli("--max-stored-bytes", "-1").returncode == 2  # usage error
+    bad = subprocess.run([sys.executable, "-m", "app.cli", "admin", "set-quota", "--tenant",
+                          "nobody", "--max-stored-bytes", "1"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 1 and "no tenant" in bad.stderr
