@@ -9,9 +9,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route
+from starlette.routing import Match
 
 from app.engine.errors import EngineError
 from app.errors import ENGINE_STATUS, AppError
@@ -53,13 +52,18 @@ def _clean_errors(errors: Any) -> list[dict[str, Any]]:
     return out
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def _allowed(request: Request) -> list[str]:
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if (isinstance(route, Route | APIRoute) and route.methods
-                and route.path_regex.match(request.url.path)):
-            methods |= route.methods
-    return sorted(methods)
+    """The methods some route serves on this path (asked of the router itself, so included
+    routers and mounts answer too)."""
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 def install(app: FastAPI) -> None:

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 from anyio import to_thread
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from app.api.deps import (
     CeleryDep,
@@ -33,6 +34,18 @@ from app.services import ratelimit
 from app.services.auth import Principal, hash_key
 from app.services.idempotency import StoredResponse
 from app.services.queue import send_jobs
+
+
+class JobIdConvertor(StringConvertor):
+    """A job id segment: anything but ``/`` and ``:``. Why: ``/v1/jobs/{id}:cancel`` (a custom
+    method, AIP-136) must not also be ``GET /v1/jobs/{id}`` with ``id = "x:cancel"``; without
+    this, both routes claim that path and the 405 ``Allow`` header lists a GET the document
+    does not have. Ids are hex, so no real id is excluded."""
+
+    regex = "[^/:]+"
+
+
+register_url_convertor("job_id", JobIdConvertor())
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -76,7 +89,7 @@ def list_jobs(tenant: TenantDep, session: SessionDep, status: JobStatusName | No
     return JobPage(items=[service.to_out(j) for j in rows], next_cursor=nxt)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=READ)
+@router.get("/{job_id:job_id}", response_model=JobOut, responses=READ)
 async def get_job(job_id: str, request: Request) -> Response:
     """The polled route, kept lean: no Session and no per-request dependencies that hop to
     a thread; one threadpool hop for one SQL statement (auth + job joined when the auth cache
@@ -97,7 +110,7 @@ async def get_job(job_id: str, request: Request) -> Response:
     return Response(body, media_type="application/json")
 
 
-@router.post("/{job_id}:cancel", response_model=JobOut, responses=STATEFUL)
+@router.post("/{job_id:job_id}:cancel", response_model=JobOut, responses=STATEFUL)
 def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
     """Queued: cancelled at once. Running: stops at its next progress point."""
     job = service.cancel_job(session, tenant.tenant_id, job_id)
@@ -111,7 +124,7 @@ REPORT: Responses = {200: {"description": "The job's report",
                      **STATEFUL}
 
 
-@router.get("/{job_id}/report", responses=REPORT)
+@router.get("/{job_id:job_id}/report", responses=REPORT)
 def get_report(job_id: str, tenant: TenantDep, session: SessionDep) -> JSONResponse:
     job = service.get_job(session, tenant.tenant_id, job_id)
     if job.report is None:
@@ -119,7 +132,7 @@ def get_report(job_id: str, tenant: TenantDep, session: SessionDep) -> JSONRespo
     return JSONResponse(job.report)
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=READ)
+@router.get("/{job_id:job_id}/artifacts", response_model=ArtifactList, responses=READ)
 def list_artifacts(job_id: str, tenant: TenantDep, session: SessionDep) -> ArtifactList:
     job = service.get_job(session, tenant.tenant_id, job_id)
     rows = artifact_repo.list_for_job(session, job.id)
@@ -173,7 +186,7 @@ DOWNLOAD_RESPONSES: Responses = {
     **problems(*AUTHED, 404, 416)}
 
 
-@router.get("/{job_id}/artifacts/{name}", responses=DOWNLOAD_RESPONSES)
+@router.get("/{job_id:job_id}/artifacts/{name}", responses=DOWNLOAD_RESPONSES)
 def download_artifact(job_id: str, name: str, request: Request, tenant: TenantDep,
                       session: SessionDep, store: StoreDep) -> Any:
     """Stream an artifact. Strong `ETag` = `"<sha256>"`; `Range` and `If-None-Match` work."""
