@@ -188,6 +188,13 @@ def _stored(settings: Settings) -> tuple[int, int]:
                 s.scalar(select(func.count()).select_from(BlobChunk)) or 0)
 
 
+def _upload_bytes_total() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("modelpress_upload_bytes_total",
+                                     {"kind": "dataset"}) or 0.0
+
+
 def test_stored_bytes_quota_refuses_while_streaming(limited: Settings, key: str) -> None:
     raw = _data()
     m, _ = seed_model_and_data(limited, key)  # rows only: 1 + 1 bytes already stored
@@ -205,7 +212,11 @@ def test_stored_bytes_quota_refuses_while_streaming(limited: Settings, key: str)
             for i in range(0, len(raw), 1000):
                 yield raw[i:i + 1000]
 
+        received = _upload_bytes_total()
         _problem(c.post(url, content=chunked(), headers=auth), 413, "quota_exceeded")
+        # Refused while streaming: the body was never taken whole (the counter of received
+        # upload bytes only grows for a body read to its end).
+        assert _upload_bytes_total() == received
         assert _stored(limited) == before
         assert s.tmp_dir is not None and not any(s.tmp_dir.glob("upload-*"))
         # The tenant's override lifts it.
