@@ -99,7 +99,7 @@ async def receive_to_file(request: Request, cap_bytes: int, tmp_dir: Path | None
         with os.fdopen(fd, "wb") as f:
             while True:
                 try:
-                    with anyio.fail_after(idle_timeout_s):
+                    with anyio.fail_after(idle_timeout_s or None):  # 0 = no timeout
                         chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
