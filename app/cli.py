@@ -2,6 +2,7 @@
 
 - ``serve``                  the embedded default (API + one worker, SQLite, no servers)
 - ``admin create-key``       a tenant's API key, straight in the configured database
+- ``admin set-quota``        a tenant's own concurrent-jobs / stored-bytes quotas
 - ``compress``               the offline engine, no server (``app.engine.cli``)
 - ``upload-model`` ``upload-data`` ``submit`` ``status`` ``list`` ``cancel`` ``download``
   ``report``                 the HTTP client (``app.client.cli``)
@@ -54,6 +55,47 @@ def _create_key(tenant: str) -> int:
     return 0
 
 
+def _quota(text: str) -> int | None:
+    """A quota argument: a non-negative integer, 0 = unlimited, ``default`` = the setting."""
+    if text == "default":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("an integer >= 0, or 'default'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("an integer >= 0, or 'default'")
+    return value
+
+
+def _set_quota(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.config import get_settings
+    from app.db.session import session_scope
+    from app.services.admin import set_quotas
+
+    settings = get_settings()
+    # Only the options given (argparse.SUPPRESS leaves the others out of args).
+    changes = {k: v for k, v in vars(args).items()
+               if k in ("max_concurrent_jobs", "max_stored_bytes")}
+    try:
+        with session_scope(settings) as session:
+            jobs, stored = set_quotas(session, args.tenant, **changes)
+    except (LookupError, SQLAlchemyError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+
+    def show(value: int | None, default: int) -> str:
+        value = default if value is None else value
+        return "unlimited" if value == 0 else str(value)
+
+    print(f"tenant {args.tenant!r}: max_concurrent_jobs "
+          f"{show(jobs, settings.max_concurrent_jobs)}, max_stored_bytes "
+          f"{show(stored, settings.max_stored_bytes)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelpress",
@@ -71,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     admin = p.add_subparsers(dest="admin_command", required=True, metavar="ADMIN_COMMAND")
     k = admin.add_parser("create-key", help="create an API key (and the tenant if new)")
     k.add_argument("--tenant", required=True, help="tenant name")
+    q = admin.add_parser("set-quota", help="set a tenant's own quotas (others keep theirs)")
+    q.add_argument("--tenant", required=True, help="tenant name")
+    for flag, what in (("--max-concurrent-jobs", "queued + running jobs"),
+                       ("--max-stored-bytes", "bytes of uploaded models and data sets")):
+        q.add_argument(flag, type=_quota, default=argparse.SUPPRESS,
+                       help=f"{what}; 0 = unlimited, 'default' = the server setting")
 
     # Listed for --help only: main() hands "compress ..." to app.engine.cli before parsing.
     sub.add_parser("compress", add_help=False,
@@ -88,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         from app.serve import serve
 
         return serve(args.host, args.port, args.concurrency, beat=args.beat)
+    if args.command == "admin" and args.admin_command == "set-quota":
+        return _set_quota(args)
     if args.command == "admin":
         return _create_key(args.tenant)
     return client_cli.run(args)

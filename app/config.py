@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # fails closed (loader_failed); "hook_only" = explicitly weaker, no namespace, only a
     # Python audit hook against sockets (for hosts that forbid namespaces; see SECURITY.md).
     sandbox_network: Literal["isolate", "hook_only"] = "isolate"
+    # Seconds an upload may go without receiving a byte before it is refused (408): a
+    # trickling client must not hold a connection, a temp file and a worker slot forever.
+    upload_idle_timeout_s: float = 30.0
 
     # --- jobs ----------------------------------------------------------------------------
     job_lease_s: float = 60.0  # a claim expires this long after the last heartbeat
@@ -75,6 +78,16 @@ class Settings(BaseSettings):
     # Seconds a verified key is trusted without a query (per API process). A revoked key
     # stops working after at most this long; 0 = look up on every request.
     auth_cache_s: float = 2.0
+
+    # --- per-tenant limits (0 = off) ------------------------------------------------------
+    # Authenticated requests per tenant per minute; past it: 429 with Retry-After (seconds).
+    # Counted in Redis when the broker is Redis (shared by every API process), else in the
+    # process (the embedded default runs one).
+    rate_limit_per_min: int = 600
+    # Default quotas; a tenant's own row (tenants.max_concurrent_jobs / max_stored_bytes)
+    # overrides them. Jobs counted: queued + running. Bytes: its uploaded models + data sets.
+    max_concurrent_jobs: int = 8
+    max_stored_bytes: int = 50 * 1024**3  # 50 GiB
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:

@@ -58,6 +58,36 @@ class RangeNotSatisfiable(AppError):
     status, code, title = 416, "range_not_satisfiable", "Range not satisfiable"
 
 
+class RequestTimeout(AppError):
+    """An upload that stopped sending for longer than ``upload_idle_timeout_s``."""
+
+    status, code, title = 408, "upload_timeout", "Request timeout"
+
+
+class ContentLengthMismatch(AppError):
+    """A body longer or shorter than its ``Content-Length`` (truncated or smuggled bytes)."""
+
+    status, code, title = 400, "content_length_mismatch", "Bad request"
+
+
+class RateLimited(AppError):
+    status, code, title = 429, "rate_limited", "Too many requests"
+
+    def __init__(self, detail: str, retry_after_s: int, **kw: Any) -> None:
+        super().__init__(detail, **kw)
+        self.headers["Retry-After"] = str(retry_after_s)
+
+
+class QuotaExceeded(AppError):
+    """A tenant quota: 429 for concurrent jobs (retry when one finishes), 413 for bytes."""
+
+    code, title = "quota_exceeded", "Quota exceeded"
+
+    def __init__(self, detail: str, *, status: int, **kw: Any) -> None:
+        super().__init__(detail, **kw)
+        self.status = status
+
+
 class WorkerLost(AppError):
     """Used for jobs whose heartbeat stopped after the last attempt."""
 

@@ -47,9 +47,11 @@ def bootstrap_dev_key(settings: Settings) -> str | None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     from app.api import errors
     from app.api.health import router as health_router
+    from app.api.hygiene import RejectNulMiddleware
     from app.api.metrics import MetricsMiddleware
     from app.api.v1 import datasets, jobs, models
     from app.services.auth import AuthCache
+    from app.services.ratelimit import make_limiter
     from app.storage import get_store
     from workers.celery_app import create_celery
 
@@ -68,8 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = get_store(settings)
     app.state.celery = create_celery(settings)
     app.state.auth_cache = AuthCache(settings.auth_cache_s)
+    app.state.limiter = make_limiter(settings)
     errors.install(app)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RejectNulMiddleware)
+    app.add_middleware(MetricsMiddleware)  # outermost: refused requests are counted too
     for r in (health_router, models.router, datasets.router, jobs.router):
         app.include_router(r)
     return app

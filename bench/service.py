@@ -130,6 +130,10 @@ def stack(api_workers: int) -> Iterator[Stack]:
         "MODELPRESS_MAX_MODEL_BYTES": str(2 * 1024 * MIB),
         "MODELPRESS_HEARTBEAT_INTERVAL_S": "2",
         "MODELPRESS_PROGRESS_WRITE_INTERVAL_S": "0.2",
+        # One tenant drives the whole load: its per-tenant limits would be what is measured.
+        "MODELPRESS_RATE_LIMIT_PER_MIN": "0",
+        "MODELPRESS_MAX_CONCURRENT_JOBS": "0",
+        "MODELPRESS_MAX_STORED_BYTES": "0",
     }
     st = Stack(tmp, db_url, env, free_port())
     try:

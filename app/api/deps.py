@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from app.config import Settings
 from app.db.session import READ_POOL_SIZE, get_read_engine
 from app.errors import Unauthorized
+from app.services import ratelimit
 from app.services.auth import AuthCache, Principal, authenticate, hash_key
 from app.storage import ArtifactStore
 
@@ -70,6 +71,20 @@ def get_auth_cache(request: Request) -> AuthCache:
     return cache
 
 
+def get_limiter(request: Request) -> ratelimit.Limiter:
+    limiter: ratelimit.Limiter = request.app.state.limiter
+    return limiter
+
+
+async def enforce_rate_limit(request: Request, principal: Principal) -> None:
+    """429 with ``Retry-After`` past the tenant's requests per minute (see services.ratelimit)."""
+    limiter = get_limiter(request)
+    if limiter.blocking:
+        await run_in_threadpool(ratelimit.enforce, limiter, principal.tenant_id)
+    else:
+        ratelimit.enforce(limiter, principal.tenant_id)
+
+
 def get_read_engine_for(request: Request) -> Engine:
     """The autocommit, no-ping engine of single-statement reads (see get_read_engine)."""
     settings: Settings = request.app.state.settings
@@ -111,6 +126,7 @@ async def get_tenant(request: Request, session: SessionDep) -> Principal:
     cache = get_auth_cache(request)
     key_hash = hash_key(token)
     if (hit := cache.get(key_hash)) is not None:
+        await enforce_rate_limit(request, hit)
         return hit
 
     def lookup() -> Principal:
@@ -121,6 +137,7 @@ async def get_tenant(request: Request, session: SessionDep) -> Principal:
 
     principal = await run_in_threadpool(lookup)
     cache.put(key_hash, principal)
+    await enforce_rate_limit(request, principal)
     return principal
 
 

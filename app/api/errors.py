@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.engine.errors import EngineError
 from app.errors import ENGINE_STATUS, AppError
@@ -23,7 +24,8 @@ PROBLEM = "application/problem+json"
 TYPE_BASE = "https://modelpress.dev/problems/"
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+                 405: "method_not_allowed", 406: "not_acceptable", 408: "upload_timeout",
+                 409: "conflict",
                  413: "payload_too_large", 415: "unsupported_media_type",
                  416: "range_not_satisfiable", 422: "validation_error",
                  429: "too_many_requests", 503: "unavailable"}
@@ -72,6 +74,20 @@ def _clean_errors(errors: Any) -> list[dict[str, Any]]:
     return out
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed(request: Request) -> list[str]:
+    """The methods some route serves on this path (asked of the router itself, so included
+    routers and mounts answer too)."""
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError) -> JSONResponse:
@@ -97,8 +113,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "http_error")
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette names only the first route of the path that matched; a path served by
+            # several routes (GET and POST /v1/models) must list all of them (RFC 9110 §15.5.6).
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed(request))}
         return problem(exc.status_code, code, str(exc.detail), instance=request.url.path,
-                       headers=getattr(exc, "headers", None))
+                       headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from app.api.deps import CeleryDep, SessionDep
+from app.api.responses import problems
 from app.errors import Unavailable
 
 router = APIRouter(tags=["health"])
@@ -18,7 +19,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=problems(503))
 def readyz(session: SessionDep, celery: CeleryDep) -> dict[str, str]:
     """Ready when the database answers and the broker accepts a connection."""
     try:

@@ -37,6 +37,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, _send)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
+            # path_format: the template without convertors ("/v1/jobs/{job_id}").
+            path = getattr(route, "path_format", None) or getattr(route, "path", "unmatched")
             REQUESTS.labels(scope["method"], path, str(status)).inc()
             LATENCY.labels(scope["method"], path).observe(time.perf_counter() - start)

@@ -11,13 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from app.api.idempotency import commit_and_remember
 from app.api.metrics import UPLOAD_BYTES
-from app.errors import PayloadTooLarge, UnsupportedMediaType
+from app.config import Settings
+from app.errors import (
+    ContentLengthMismatch,
+    PayloadTooLarge,
+    QuotaExceeded,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
+from app.services import quotas
 from app.services.idempotency import StoredResponse
 from app.services.uploads import discard
 from app.storage import ArtifactStore
@@ -59,30 +69,57 @@ def filename_from(request: Request, query_name: str | None) -> str | None:
 
 
 async def receive_to_file(request: Request, cap_bytes: int, tmp_dir: Path | None,
-                          suffix: str = "") -> Received:
+                          suffix: str = "", *, idle_timeout_s: float | None = None,
+                          quota_bytes: int | None = None) -> Received:
+    """Stream the body to a new temp file: at most ``cap_bytes`` (413 ``payload_too_large``)
+    and ``quota_bytes`` (the tenant's remaining quota: 413 ``quota_exceeded``), exactly the
+    declared ``Content-Length`` if any (400 ``content_length_mismatch``), and no gap longer than
+    ``idle_timeout_s`` between two chunks (408 ``upload_timeout``). Any refusal removes the temp
+    file before the error leaves."""
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith(("multipart/", "application/x-www-form-urlencoded")):
         # A form would be stored as its envelope and fail validation with a confusing message.
         raise UnsupportedMediaType("send the file as the raw request body "
                                    "(Content-Type: application/octet-stream), not as a form")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap_bytes:
-        raise PayloadTooLarge(f"body of {int(declared)} bytes exceeds the limit of "
+    raw_length = request.headers.get("content-length")
+    declared = int(raw_length) if raw_length is not None and raw_length.isdigit() else None
+    if declared is not None and declared > cap_bytes:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of "
                               f"{cap_bytes} bytes")
+    if declared is not None and quota_bytes is not None and declared > quota_bytes:
+        raise _over_quota(quota_bytes)
     if tmp_dir is not None:
         tmp_dir.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix="upload-", dir=tmp_dir)) / f"upload{suffix}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     digest, size, head = hashlib.sha256(), 0, b""
     buf = bytearray()
+    chunks = request.stream().__aiter__()
     try:
         with os.fdopen(fd, "wb") as f:
-            async for chunk in request.stream():
+            while True:
+                try:
+                    with anyio.fail_after(idle_timeout_s or None):  # 0 = no timeout
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise RequestTimeout(f"no body bytes for {idle_timeout_s} s after {size} "
+                                         "bytes; upload refused") from None
+                except ClientDisconnect:
+                    raise ContentLengthMismatch(
+                        f"the client went away after {size} bytes"
+                        + (f" of {declared}" if declared is not None else "")) from None
                 if not chunk:
                     continue
                 size += len(chunk)
                 if size > cap_bytes:
                     raise PayloadTooLarge(f"body exceeds the limit of {cap_bytes} bytes")
+                if quota_bytes is not None and size > quota_bytes:
+                    raise _over_quota(quota_bytes)
+                if declared is not None and size > declared:
+                    raise ContentLengthMismatch(f"body longer than its Content-Length of "
+                                                f"{declared} bytes")
                 if len(head) < 64:
                     head += chunk[: 64 - len(head)]
                 buf += chunk
@@ -91,12 +128,20 @@ async def receive_to_file(request: Request, cap_bytes: int, tmp_dir: Path | None
                     buf.clear()
                     # Hash + write off the event loop: a 1 GiB upload must not stall others.
                     await run_in_threadpool(_consume, f, digest, data)
+            if declared is not None and size != declared:
+                raise ContentLengthMismatch(f"body of {size} bytes is shorter than its "
+                                            f"Content-Length of {declared} bytes (truncated)")
             if buf:
                 await run_in_threadpool(_consume, f, digest, bytes(buf))
     except BaseException:
         shutil.rmtree(path.parent, ignore_errors=True)
         raise
     return Received(path=path, size=size, sha256=digest.hexdigest(), head=head)
+
+
+def _over_quota(quota_bytes: int) -> QuotaExceeded:
+    return QuotaExceeded(f"this upload would exceed the tenant's stored-bytes quota "
+                         f"({quota_bytes} bytes left)", status=413)
 
 
 def _consume(f: object, digest: object, data: bytes) -> None:
@@ -115,7 +160,7 @@ async def store_upload(
     kind: str,  # metrics label, and the file stem when the client sent no name
     name: str | None,
     cap_bytes: int,
-    tmp_dir: Path | None,
+    settings: Settings,
     detect_format: Callable[[str | None, bytes], str],
     ingest: Callable[[Path, str], Any],
     render: Callable[[Any], str],
@@ -127,7 +172,15 @@ async def store_upload(
     committed); ``render(row)`` gives the JSON body. The commit goes with the idempotency
     record; if it fails, the stored bytes are deleted, so nothing is left half-written.
     """
-    received = await receive_to_file(request, cap_bytes, tmp_dir)
+    def allowance() -> int | None:
+        try:
+            return quotas.upload_allowance(session, settings, tenant_id)
+        finally:
+            session.rollback()  # no transaction left open while the body streams
+
+    received = await receive_to_file(request, cap_bytes, settings.tmp_dir,
+                                     idle_timeout_s=settings.upload_idle_timeout_s,
+                                     quota_bytes=await run_in_threadpool(allowance))
     UPLOAD_BYTES.labels(kind).inc(received.size)
     try:
         fmt = detect_format(name, received.head)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -45,12 +45,26 @@ class RecipeIn(BaseModel):
     mixup: float = Field(0.0, ge=0, le=10)
 
 
-class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# The rule of ``_something_stated`` in the OpenAPI document, so a schema-valid body is a
+# valid body: a recipe, or constraints with at least one limit that is not null.
+_STATES_A_LIMIT: dict[str, Any] = {"anyOf": [
+    {"required": ["recipe"], "properties": {"recipe": {"type": "object"}}},
+    {"required": ["constraints"], "properties": {"constraints": {"anyOf": [
+        {"required": [name], "properties": {name: {"type": "number"}}}
+        for name in ("max_size_mb", "max_latency_ms", "max_accuracy_drop")]}}},
+]}
 
-    model_id: str
-    dataset_id: str
-    eval_dataset_id: str | None = None
+
+# An id in a body: any string without NUL (Postgres text cannot hold one; unknown ids are 404).
+RefId = Annotated[str, Field(max_length=64, pattern=r"^[^\x00]*$")]
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_STATES_A_LIMIT)
+
+    model_id: RefId
+    dataset_id: RefId
+    eval_dataset_id: RefId | None = None
     constraints: ConstraintsIn = Field(default_factory=lambda: ConstraintsIn.model_validate({}))
     recipe: RecipeIn | None = None
     device: Literal["cpu", "cuda", "auto"] = "auto"

@@ -44,3 +44,27 @@ def revoke_key(session: Session, key_id: str) -> bool:
     key.revoked_at = utcnow()
     session.flush()
     return True
+
+
+UNCHANGED = object()  # set_quotas: leave this quota as it is
+
+
+def set_quotas(session: Session, tenant_name: str, *,
+               max_concurrent_jobs: object = UNCHANGED,  # int | None
+               max_stored_bytes: object = UNCHANGED) -> tuple[int | None, int | None]:
+    """Set a tenant's own quotas (None = back to the settings default, 0 = unlimited).
+    Returns the tenant's (max_concurrent_jobs, max_stored_bytes) after the change."""
+    tenant = repo.get_tenant_by_name(session, tenant_name)
+    if tenant is None:
+        raise LookupError(f"no tenant {tenant_name!r}")
+    def pick(given: object, current: int | None, name: str) -> int | None:
+        if given is UNCHANGED:
+            return current
+        if given is not None and (not isinstance(given, int) or given < 0):
+            raise ValueError(f"{name} must be a non-negative integer or None")
+        return given
+
+    jobs = pick(max_concurrent_jobs, tenant.max_concurrent_jobs, "max_concurrent_jobs")
+    stored = pick(max_stored_bytes, tenant.max_stored_bytes, "max_stored_bytes")
+    repo.set_quotas(session, tenant.id, jobs, stored)
+    return jobs, stored

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -18,6 +18,7 @@ from app.db.session import run_read
 from app.engine.errors import InputMismatch
 from app.errors import Conflict, NotFound, Unauthorized
 from app.schemas.jobs import JobCreate, JobError, JobOut
+from app.services import quotas
 from app.services.auth import Principal
 
 QUEUE_FOR_DEVICE = {"cpu": "cpu", "cuda": "gpu"}
@@ -57,6 +58,7 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: JobCr
             raise NotFound(f"dataset {body.eval_dataset_id} not found")
         _check_inputs(model, ev, "eval dataset")
     queue = QUEUE_FOR_DEVICE.get(body.device, settings.auto_queue)
+    quotas.reserve_job_slot(session, settings, tenant_id)  # last: the lock lasts to the commit
     return repo.add(session, Job(
         tenant_id=tenant_id, model_id=model.id, dataset_id=dataset.id,
         eval_dataset_id=body.eval_dataset_id, status=JobStatus.queued.value,
@@ -130,12 +132,15 @@ def _principal_from_row(row: Any) -> Principal:
 
 
 def read_job_json(engine: Engine, key_hash: str, principal: Principal | None,
-                  job_id: str) -> tuple[Principal, bytes]:
+                  job_id: str, admit: Callable[[Principal], None] | None = None,
+                  ) -> tuple[Principal, bytes]:
     """GET /v1/jobs/{id} in one statement: (the caller, the JobOut JSON).
 
     ``principal`` is the auth cache's answer for ``key_hash``; without it the key is checked in
     the same query as the job is read (a join), so a miss costs no extra round trip. Raises
     Unauthorized (key unknown, revoked or expired; checked before the job) or NotFound.
+    ``admit(principal)`` runs once the caller is known, before NotFound (the rate limit: an
+    unknown id counts like any request).
     """
     def read(conn: Connection) -> Any:
         if principal is not None:
@@ -147,6 +152,8 @@ def read_job_json(engine: Engine, key_hash: str, principal: Principal | None,
         if row is None:
             raise Unauthorized("unknown API key")
         principal = _principal_from_row(row)
+    if admit is not None:
+        admit(principal)
     if row is None or row["id"] is None:
         raise NotFound(f"job {job_id} not found")
     return principal, _out_from_row(row).model_dump_json().encode()

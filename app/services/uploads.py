@@ -21,6 +21,7 @@ from app.db.repositories import models as model_repo
 from app.engine.errors import InvalidData, InvalidModel
 from app.engine.types import TensorSpec
 from app.errors import NotFound, ValidationFailed
+from app.services import quotas
 from app.storage import ArtifactStore, file_chunks
 
 MODEL_SUFFIXES = {".pt2": "pt2", ".onnx": "onnx"}
@@ -80,11 +81,13 @@ def ingest_model(session: Session, store: ArtifactStore, settings: Settings, ten
     key = f"models/{tenant_id}/{model_id}/model.{fmt}"
     size, sha = store.put_stream(key, file_chunks(path))
     try:
-        return model_repo.add(session, Model(
+        row = model_repo.add(session, Model(
             id=model_id, tenant_id=tenant_id, filename=filename or f"model.{fmt}",
             format=info.format, inputs=_spec_dicts(info.inputs),
             outputs=_spec_dicts(info.outputs), parameters=info.parameters, sha256=sha,
             size_bytes=size, storage_key=key))
+        quotas.check_stored_bytes(session, settings, tenant_id)
+        return row
     except BaseException:
         store.delete(key)
         raise
@@ -109,11 +112,13 @@ def ingest_dataset(session: Session, store: ArtifactStore, settings: Settings, t
     key = f"datasets/{tenant_id}/{dataset_id}/data.{fmt}"
     size, sha = store.put_stream(key, file_chunks(path))
     try:
-        return dataset_repo.add(session, Dataset(
+        ds = dataset_repo.add(session, Dataset(
             id=dataset_id, tenant_id=tenant_id, model_id=model.id,
             filename=filename or f"data.{fmt}", format=fmt, samples=info.samples,
             inputs=_spec_dicts(info.inputs), has_labels=info.has_labels,
             num_classes=info.num_classes, sha256=sha, size_bytes=size, storage_key=key))
+        quotas.check_stored_bytes(session, settings, tenant_id)
+        return ds
     except BaseException:
         store.delete(key)
         raise

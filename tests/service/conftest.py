@@ -37,6 +37,8 @@ PG_ADMIN = os.environ.get("MODELPRESS_TEST_PG_ADMIN", "postgresql://postgres@loc
 REDIS_BASE = os.environ.get("MODELPRESS_TEST_REDIS", "redis://localhost:6379")
 REDIS_DB = int(os.environ.get("MODELPRESS_TEST_REDIS_DB", "11"))
 HIDDEN = 256  # width of the test MLP
+LIMITS_OFF = {"MODELPRESS_RATE_LIMIT_PER_MIN": "0", "MODELPRESS_MAX_CONCURRENT_JOBS": "0",
+              "MODELPRESS_MAX_STORED_BYTES": "0"}
 
 
 def _pg_connect(url: str) -> psycopg.Connection:
@@ -102,6 +104,9 @@ def pg_env(pg_url: str, redis_url: str, tmp: Path) -> dict[str, str]:
         "MODELPRESS_PROGRESS_WRITE_INTERVAL_S": "0.2",
         # Keys are created, revoked and expired within one test: no auth cache.
         "MODELPRESS_AUTH_CACHE_S": "0",
+        # Per-tenant limits off: load and end-to-end tests run many jobs in one tenant. The
+        # tests of the limits (test_limits.py) turn them on.
+        **LIMITS_OFF,
     }
 
 
@@ -118,6 +123,9 @@ def embedded_env(tmp: Path) -> dict[str, str]:
         "MODELPRESS_PROGRESS_WRITE_INTERVAL_S": "0.2",
         # Keys are created, revoked and expired within one test: no auth cache.
         "MODELPRESS_AUTH_CACHE_S": "0",
+        # Per-tenant limits off: load and end-to-end tests run many jobs in one tenant. The
+        # tests of the limits (test_limits.py) turn them on.
+        **LIMITS_OFF,
     }
 
 

@@ -57,6 +57,14 @@ def test_key_in_query_string_refused(client: TestClient, key: str) -> None:
     r = client.get(f"/v1/models?api_key={key}", headers={"Authorization": f"Bearer {key}"})
     assert "query string" in _problem(r, 401, "unauthorized")["detail"]
     _problem(client.get(f"/v1/jobs?token={key}"), 401, "unauthorized")
+    h = {"Authorization": f"Bearer {key}"}
+    # Every credential-looking name, any case, on the lean polled route and on an upload
+    # (refused before the body is read) as well.
+    for name in ("api_key", "APIKEY", "key", "token", "access_token", "auth", "Authorization"):
+        for method, url in (("GET", f"/v1/jobs/{'0' * 32}?{name}={key}"),
+                            ("POST", f"/v1/models?filename=m.pt2&{name}={key}")):
+            r = client.request(method, url, headers=h, content=b"x" if method == "POST" else None)
+            assert "query string" in _problem(r, 401, "unauthorized")["detail"], (name, url)
 
 
 def test_keys_stored_hashed(settings: Settings, key: str) -> None:
@@ -76,11 +84,15 @@ def test_revoked_and_expired_keys_401(client: TestClient, settings: Settings, ke
         row.revoked_at = utcnow()
         s.commit()
     assert "revoked" in _problem(client.get("/v1/jobs", headers=h), 401, "unauthorized")["detail"]
+    # The lean GET /v1/jobs/{id} checks the key in its own joined query: same answer.
+    r = client.get(f"/v1/jobs/{'0' * 32}", headers=h)
+    assert "revoked" in _problem(r, 401, "unauthorized")["detail"]
     with session_factory(settings)() as s:
         k2 = create_key(s, "tenant-a", expires_at=utcnow() - timedelta(seconds=1))
         s.commit()
-    r = client.get("/v1/jobs", headers={"Authorization": f"Bearer {k2}"})
-    assert "expired" in _problem(r, 401, "unauthorized")["detail"]
+    for url in ("/v1/jobs", f"/v1/jobs/{'0' * 32}"):
+        r = client.get(url, headers={"Authorization": f"Bearer {k2}"})
+        assert "expired" in _problem(r, 401, "unauthorized")["detail"], url
 
 
 def test_other_tenants_ids_are_404(client: TestClient, settings: Settings, key: str) -> None:

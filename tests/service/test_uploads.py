@@ -152,3 +152,22 @@ def test_upload_idempotency_key_replays(client: TestClient, auth: dict[str, str]
     assert _counts(settings)[0] == 1
     other = client.post("/v1/models?filename=other.pt2", content=raw, headers=h)
     assert other.status_code == 409 and other.json()["code"] == "conflict"
+
+
+@pytest.mark.parametrize("declared_delta", [-500, +500], ids=["longer", "shorter"])
+def test_body_not_matching_content_length_is_400(client: TestClient, auth: dict[str, str],
+                                                 mlp_files: dict[str, Path], settings: Settings,
+                                                 declared_delta: int) -> None:
+    """A body longer than its Content-Length (bytes smuggled past what a proxy framed) or
+    shorter (truncated) is refused whole: 400, no row, no bytes, no temp file. The in-process
+    client hands the app the whole body whatever the header says, as a proxy or another ASGI
+    server might; a real client going away mid-body is in test_upload_server.py."""
+    raw = mlp_files["pt2"].read_bytes()  # a valid model: only the framing is wrong
+    r = client.post("/v1/models?filename=mlp.pt2", content=raw,
+                    headers={**auth, "Content-Type": "application/octet-stream",
+                             "Content-Length": str(len(raw) + declared_delta)})
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "content_length_mismatch"
+    assert ("longer" if declared_delta < 0 else "shorter") in r.json()["detail"]
+    assert _counts(settings) == (0, 0, 0)
+    assert _tmp_empty(settings)

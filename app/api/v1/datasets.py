@@ -7,8 +7,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.idempotency import replay
+from app.api.responses import AUTHED, READ, problems
 from app.api.uploads import filename_from, store_upload
-from app.api.v1.models import ERRORS, IdemHeader
+from app.api.v1.models import CREATED, IdemHeader
 from app.db.repositories import datasets as repo
 from app.db.repositories.pagination import CursorError
 from app.errors import NotFound, ValidationFailed
@@ -19,13 +20,13 @@ from app.services.uploads import clean_filename, data_format, ingest_dataset
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses=ERRORS,
+@router.post("", status_code=201, response_model=DatasetOut, responses=CREATED,
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/octet-stream": {"schema": {"type": "string",
                                                          "format": "binary"}}}}})
 async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDep,
                          store: StoreDep, settings: SettingsDep,
-                         model_id: Annotated[str | None, Query(max_length=64)] = None,
+                         model_id: Annotated[str, Query(max_length=64)],
                          filename: Annotated[str | None, Query(max_length=255)] = None,
                          idempotency_key: IdemHeader = None) -> Response:
     """Upload a `.npz` or `.safetensors` file (keys = the model's input names, optional
@@ -36,13 +37,10 @@ async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDe
                                          fp)
         if stored is not None:
             return replay(stored)
-    if not model_id:
-        raise ValidationFailed("model_id is required: the data is validated against the "
-                               "inputs of that model")
     name = clean_filename(filename_from(request, filename))
     return await store_upload(
         request, session, store, tenant.tenant_id, idempotency_key, fp, kind="dataset",
-        name=name, cap_bytes=settings.max_dataset_bytes, tmp_dir=settings.tmp_dir,
+        name=name, cap_bytes=settings.max_dataset_bytes, settings=settings,
         detect_format=data_format,
         ingest=lambda path, fmt: ingest_dataset(session, store, settings, tenant.tenant_id,
                                                 path, name, fmt, model_id),
@@ -50,7 +48,7 @@ async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDe
         location_prefix="/v1/datasets")
 
 
-@router.get("", response_model=DatasetPage, responses=ERRORS)
+@router.get("", response_model=DatasetPage, responses=problems(*AUTHED))
 def list_datasets(tenant: TenantDep, session: SessionDep,
                   limit: Annotated[int, Query(ge=1, le=100)] = 20,
                   cursor: str | None = None) -> DatasetPage:
@@ -61,7 +59,7 @@ def list_datasets(tenant: TenantDep, session: SessionDep,
     return DatasetPage(items=[DatasetOut.model_validate(r) for r in rows], next_cursor=nxt)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut, responses=ERRORS)
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=READ)
 def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> DatasetOut:
     row = repo.get(session, tenant.tenant_id, dataset_id)
     if row is None:

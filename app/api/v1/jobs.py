@@ -6,6 +6,7 @@ from typing import Annotated, Any
 from anyio import to_thread
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from app.api.deps import (
     CeleryDep,
@@ -15,26 +16,46 @@ from app.api.deps import (
     TenantDep,
     bearer_token,
     get_auth_cache,
+    get_limiter,
     get_read_engine_for,
     get_read_limiter,
 )
 from app.api.idempotency import commit_and_remember, replay
 from app.api.metrics import JOBS_SUBMITTED
-from app.api.v1.models import ERRORS, IdemHeader
+from app.api.responses import AUTHED, READ, Responses, problems
+from app.api.v1.models import LOCATION, IdemHeader
 from app.db.repositories import artifacts as artifact_repo
 from app.db.repositories.pagination import CursorError
 from app.errors import Conflict, NotFound, RangeNotSatisfiable, ValidationFailed
 from app.schemas.jobs import ArtifactList, ArtifactOut, JobCreate, JobOut, JobPage, JobStatusName
 from app.services import idempotency as idem
 from app.services import jobs as service
-from app.services.auth import hash_key
+from app.services import ratelimit
+from app.services.auth import Principal, hash_key
 from app.services.idempotency import StoredResponse
 from app.services.queue import send_jobs
+
+
+class JobIdConvertor(StringConvertor):
+    """A job id segment: anything but ``/`` and ``:``. Why: ``/v1/jobs/{id}:cancel`` (a custom
+    method, AIP-136) must not also be ``GET /v1/jobs/{id}`` with ``id = "x:cancel"``; without
+    this, both routes claim that path and the 405 ``Allow`` header lists a GET the document
+    does not have. Ids are hex, so no real id is excluded."""
+
+    regex = "[^/:]+"
+
+
+register_url_convertor("job_id", JobIdConvertor())
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=ERRORS)
+SUBMIT: Responses = {202: {"description": "Accepted: poll the job", "headers": LOCATION},
+                     **problems(*AUTHED, 404, 409)}
+STATEFUL = problems(*AUTHED, 404, 409)
+
+
+@router.post("", status_code=202, response_model=JobOut, responses=SUBMIT)
 def create_job(request: Request, body: JobCreate, tenant: TenantDep, session: SessionDep,
                settings: SettingsDep, celery: CeleryDep,
                idempotency_key: IdemHeader = None) -> Response:
@@ -57,7 +78,7 @@ def create_job(request: Request, body: JobCreate, tenant: TenantDep, session: Se
                     media_type="application/json")
 
 
-@router.get("", response_model=JobPage, responses=ERRORS)
+@router.get("", response_model=JobPage, responses=problems(*AUTHED))
 def list_jobs(tenant: TenantDep, session: SessionDep, status: JobStatusName | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               cursor: str | None = None) -> JobPage:
@@ -68,7 +89,7 @@ def list_jobs(tenant: TenantDep, session: SessionDep, status: JobStatusName | No
     return JobPage(items=[service.to_out(j) for j in rows], next_cursor=nxt)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
+@router.get("/{job_id:job_id}", response_model=JobOut, responses=READ)
 async def get_job(job_id: str, request: Request) -> Response:
     """The polled route, kept lean: no Session and no per-request dependencies that hop to
     a thread; one threadpool hop for one SQL statement (auth + job joined when the auth cache
@@ -76,15 +97,20 @@ async def get_job(job_id: str, request: Request) -> Response:
     key_hash = hash_key(bearer_token(request))
     cache = get_auth_cache(request)
     cached = cache.get(key_hash)
+    engine, rate_limiter = get_read_engine_for(request), get_limiter(request)
+
+    def admit(p: Principal) -> None:  # in the read's thread: no extra hop for Redis
+        ratelimit.enforce(rate_limiter, p.tenant_id)
+
     principal, body = await to_thread.run_sync(
-        service.read_job_json, get_read_engine_for(request), key_hash, cached, job_id,
+        service.read_job_json, engine, key_hash, cached, job_id, admit,
         limiter=get_read_limiter(request))
     if cached is None:
         cache.put(key_hash, principal)
     return Response(body, media_type="application/json")
 
 
-@router.post("/{job_id}:cancel", response_model=JobOut, responses=ERRORS)
+@router.post("/{job_id:job_id}:cancel", response_model=JobOut, responses=STATEFUL)
 def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
     """Queued: cancelled at once. Running: stops at its next progress point."""
     job = service.cancel_job(session, tenant.tenant_id, job_id)
@@ -93,7 +119,12 @@ def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
     return out
 
 
-@router.get("/{job_id}/report", responses=ERRORS)
+REPORT: Responses = {200: {"description": "The job's report",
+                           "content": {"application/json": {"schema": {"type": "object"}}}},
+                     **STATEFUL}
+
+
+@router.get("/{job_id:job_id}/report", responses=REPORT)
 def get_report(job_id: str, tenant: TenantDep, session: SessionDep) -> JSONResponse:
     job = service.get_job(session, tenant.tenant_id, job_id)
     if job.report is None:
@@ -101,7 +132,7 @@ def get_report(job_id: str, tenant: TenantDep, session: SessionDep) -> JSONRespo
     return JSONResponse(job.report)
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ERRORS)
+@router.get("/{job_id:job_id}/artifacts", response_model=ArtifactList, responses=READ)
 def list_artifacts(job_id: str, tenant: TenantDep, session: SessionDep) -> ArtifactList:
     job = service.get_job(session, tenant.tenant_id, job_id)
     rows = artifact_repo.list_for_job(session, job.id)
@@ -139,13 +170,23 @@ def _etag_matches(header: str, etag: str) -> bool:
     return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
 
 
-DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **ERRORS, 200: {"content": {"application/octet-stream": {}}},
-    206: {"description": "Partial content (Range)"}, 304: {"description": "Not modified"},
-    416: {"description": "Range not satisfiable"}}
+# An artifact's own type: the ONNX model and its .data are octet streams, model.pt2 a zip,
+# report.json JSON (see CONTENT_TYPES in app/services/pipeline.py).
+_BINARY = {t: {"schema": {"type": "string", "format": "binary"}}
+           for t in ("application/octet-stream", "application/zip")}
+_FILE = {**_BINARY, "application/json": {"schema": {"type": "object"}}}
+_ETAG = {"ETag": {"description": '"<sha256>"', "schema": {"type": "string"}}}
+DOWNLOAD_RESPONSES: Responses = {
+    200: {"description": "The artifact", "content": _FILE, "headers": _ETAG},
+    # A range of report.json is application/json too, but not a JSON document by itself.
+    206: {"description": "Partial content (Range)",
+          "content": {**_BINARY, "application/json": {}},
+          "headers": {**_ETAG, "Content-Range": {"schema": {"type": "string"}}}},
+    304: {"description": "Not modified (If-None-Match)", "headers": _ETAG},
+    **problems(*AUTHED, 404, 416)}
 
 
-@router.get("/{job_id}/artifacts/{name}", responses=DOWNLOAD_RESPONSES)
+@router.get("/{job_id:job_id}/artifacts/{name}", responses=DOWNLOAD_RESPONSES)
 def download_artifact(job_id: str, name: str, request: Request, tenant: TenantDep,
                       session: SessionDep, store: StoreDep) -> Any:
     """Stream an artifact. Strong `ETag` = `"<sha256>"`; `Range` and `If-None-Match` work."""

@@ -7,11 +7,11 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.idempotency import replay
+from app.api.responses import AUTHED, READ, UPLOAD, problems
 from app.api.uploads import filename_from, store_upload
 from app.db.repositories import models as repo
 from app.db.repositories.pagination import CursorError
 from app.errors import NotFound, ValidationFailed
-from app.schemas.common import Problem
 from app.schemas.models import ModelOut, ModelPage
 from app.services import idempotency as idem
 from app.services.uploads import clean_filename, ingest_model, model_format
@@ -19,12 +19,12 @@ from app.services.uploads import clean_filename, ingest_model, model_format
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
-ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": Problem, "content": {"application/problem+json": {}}}
-    for s in (401, 404, 409, 413, 422)}
+LOCATION = {"Location": {"description": "URL of the new resource", "schema": {"type": "string"}}}
+CREATED: dict[int | str, dict[str, Any]] = {
+    201: {"description": "Stored and validated", "headers": LOCATION}, **UPLOAD}
 
 
-@router.post("", status_code=201, response_model=ModelOut, responses=ERRORS,
+@router.post("", status_code=201, response_model=ModelOut, responses=CREATED,
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/octet-stream": {"schema": {"type": "string",
                                                          "format": "binary"}}}}})
@@ -42,7 +42,7 @@ async def upload_model(request: Request, tenant: TenantDep, session: SessionDep,
     name = clean_filename(filename_from(request, filename))
     return await store_upload(
         request, session, store, tenant.tenant_id, idempotency_key, fp, kind="model",
-        name=name, cap_bytes=settings.max_model_bytes, tmp_dir=settings.tmp_dir,
+        name=name, cap_bytes=settings.max_model_bytes, settings=settings,
         detect_format=model_format,
         ingest=lambda path, fmt: ingest_model(session, store, settings, tenant.tenant_id, path,
                                               name, fmt),
@@ -50,7 +50,7 @@ async def upload_model(request: Request, tenant: TenantDep, session: SessionDep,
         location_prefix="/v1/models")
 
 
-@router.get("", response_model=ModelPage, responses=ERRORS)
+@router.get("", response_model=ModelPage, responses=problems(*AUTHED))
 def list_models(tenant: TenantDep, session: SessionDep,
                 limit: Annotated[int, Query(ge=1, le=100)] = 20,
                 cursor: str | None = None) -> ModelPage:
@@ -61,7 +61,7 @@ def list_models(tenant: TenantDep, session: SessionDep,
     return ModelPage(items=[ModelOut.model_validate(r) for r in rows], next_cursor=nxt)
 
 
-@router.get("/{model_id}", response_model=ModelOut, responses=ERRORS)
+@router.get("/{model_id}", response_model=ModelOut, responses=READ)
 def get_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelOut:
     row = repo.get(session, tenant.tenant_id, model_id)
     if row is None:

@@ -68,6 +68,12 @@ def get_out_row_by_key(conn: Connection, key_hash: str, job_id: str) -> RowMappi
                         ).mappings().first()
 
 
+def count_active(session: Session, tenant_id: str) -> int:
+    """The tenant's queued + running jobs (what the concurrent-jobs quota counts)."""
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.status.in_((QUEUED, RUNNING)))) or 0
+
+
 def get_any(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 

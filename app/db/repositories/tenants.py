@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import ApiKey, Tenant
+from app.db.models import ApiKey, Dataset, Model, Tenant
 
 
 def get_tenant_by_name(session: Session, name: str) -> Tenant | None:
@@ -36,3 +36,35 @@ def get_api_key_by_hash(session: Session, key_hash: str) -> ApiKey | None:
 
 def count_keys(session: Session, tenant_id: str) -> int:
     return len(session.scalars(select(ApiKey.id).where(ApiKey.tenant_id == tenant_id)).all())
+
+
+def get_tenant(session: Session, tenant_id: str) -> Tenant | None:
+    return session.get(Tenant, tenant_id)
+
+
+def lock_tenant(session: Session, tenant_id: str) -> Tenant | None:
+    """The tenant's row, locked until the transaction ends (``SELECT ... FOR UPDATE``).
+
+    Serialises a tenant's quota checks: two requests racing for the last slot take the lock in
+    turn, and the second one's count (a new statement, READ COMMITTED) sees the first one's
+    committed row. SQLite has no row locks; its single writer gives the same order (a stale
+    writer fails instead of passing).
+    """
+    return session.scalar(select(Tenant).where(Tenant.id == tenant_id).with_for_update()
+                          .execution_options(populate_existing=True))
+
+
+def set_quotas(session: Session, tenant_id: str, max_concurrent_jobs: int | None,
+               max_stored_bytes: int | None) -> None:
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(
+        max_concurrent_jobs=max_concurrent_jobs, max_stored_bytes=max_stored_bytes))
+
+
+def stored_bytes(session: Session, tenant_id: str) -> int:
+    """Bytes of the tenant's uploaded models and data sets (rows flushed in this
+    transaction included)."""
+    models = select(func.coalesce(func.sum(Model.size_bytes), 0)).where(
+        Model.tenant_id == tenant_id).scalar_subquery()
+    datasets = select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(
+        Dataset.tenant_id == tenant_id).scalar_subquery()
+    return int(session.scalar(select(models + datasets)) or 0)
