@@ -1,0 +1,193 @@
+"""``kill -9`` of the Celery pool child running a job, in each stage (issue 4, faults 6).
+
+A real prefork worker (tests/service/conftest.py's start_worker) on real Postgres and Redis
+runs the service suite's tiny digits MLP with an explicit recipe (50 % prune, int8 static, a
+few distillation epochs), so every stage runs and the whole job takes seconds.
+
+Which path redelivers. ``task_acks_late`` + ``task_reject_on_worker_lost`` make Celery requeue
+the message the moment the main process sees its child die; the new child receives it at once,
+but the dead child's lease in Postgres has not expired yet, so the claim refuses it and the
+task returns (acked). The job is recovered by the reaper (in the worker's main process here):
+once the lease has expired (JOB_LEASE_S after the last heartbeat) it requeues the job and
+sends a new message, and that claim is attempt 2; after MAX_ATTEMPTS it fails the job with
+``worker_lost`` instead. The tests assert the observable outcome, not the path.
+
+How the kill is known to land mid-stage: the test polls the job's row until its ``stage`` is
+the target, then SIGSTOPs the child that holds the lease (its pid is in ``lease_owner``),
+waits until the kernel reports it stopped, and reads the row again after a settle: the stage
+is written synchronously at every stage change, so a stopped child whose row still says
+``prune`` is between the start of prune and the start of the next stage. Only then SIGKILL.
+If the stage had moved on, the test fails rather than claim a kill it did not make.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+from tests.faults.conftest import (
+    assert_no_artifacts,
+    assert_one_artifact_set,
+    fault_env,
+    job_row,
+    upload_mlp,
+    wait_terminal,
+    work_dirs,
+)
+from tests.service.conftest import (
+    Worker,
+    new_key,
+    settings_from_env,
+    start_worker,
+    stop_worker,
+    truncate_all,
+)
+
+# "store" is not an engine stage: it is the service writing the artifacts after export, the
+# one place a kill can leave stored bytes behind (the next attempt must delete them).
+KILL_STAGES = ["prune", "quantize", "distill", "export", "store"]
+RECIPE = {"prune_ratio": 0.5, "quant": "int8_static", "distill_epochs": 4}
+JOB_TIMEOUT_S = 150  # one job incl. a reaped retry; the job itself takes ~10 s here
+
+
+@dataclass
+class Stack:
+    client: TestClient
+    auth: dict[str, str]
+    worker: Worker
+    settings: Settings
+    work: Path
+    model_id: str
+    dataset_id: str
+
+
+@pytest.fixture(scope="module")
+def stack(faults_pg_url: str, faults_redis_url: str, mlp_files: dict[str, Path],
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("kill")
+    env = fault_env(faults_pg_url, faults_redis_url, tmp)
+    settings = settings_from_env(env)
+    worker = start_worker(env, tmp / "worker.log")
+    try:
+        key = new_key(settings, "faults-kill")
+        auth = {"Authorization": f"Bearer {key}"}
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            model_id, dataset_id = upload_mlp(client, auth, mlp_files)
+            yield Stack(client, auth, worker, settings, tmp / "work", model_id, dataset_id)
+    finally:
+        stop_worker(worker)
+        truncate_all(faults_pg_url)
+
+
+def _submit(stack: Stack) -> str:
+    r = stack.client.post("/v1/jobs", headers=stack.auth, json={
+        "model_id": stack.model_id, "dataset_id": stack.dataset_id, "device": "cpu",
+        "recipe": RECIPE, "constraints": {"batch_size": 64, "threads": 1,
+                                          "time_budget_s": 300}})
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) from /proc, None once the process is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) "
+    return fields[0], int(fields[1])
+
+
+def _wait_state(pid: int, ok: set[str | None], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = _proc_stat(pid)
+        state = None if st is None else st[0]
+        if state in ok or (None in ok and state == "Z"):  # Z: dead, not yet reaped
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} not in state {ok} after {timeout_s} s: {_proc_stat(pid)}")
+
+
+def kill_child_in_stage(stack: Stack, job_id: str, stage: str, attempt: int) -> int:
+    """SIGKILL the pool child running ``job_id`` while it is in ``stage`` of ``attempt``."""
+    db = stack.settings.database_url
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        row = job_row(db, job_id)
+        assert row.status not in {"succeeded", "failed", "cancelled"}, tuple(row)
+        if row.status == "running" and row.attempt == attempt and row.stage == stage:
+            pid = int(row.lease_owner.split(":")[1])  # host:pid:task id
+            st = _proc_stat(pid)
+            # The process running the task: a child of the worker, never its main process.
+            assert st is not None and st[1] == stack.worker.proc.pid != pid, (pid, st)
+            os.kill(pid, signal.SIGSTOP)
+            _wait_state(pid, {"T", "t"})
+            time.sleep(0.3)  # a progress write sent just before the stop reaches the server
+            again = job_row(db, job_id)
+            if (again.stage, again.lease_owner, again.attempt) != (stage, row.lease_owner,
+                                                                   attempt):
+                os.kill(pid, signal.SIGCONT)
+                pytest.fail(f"stage {stage!r} ended before the kill could land: {tuple(again)}")
+            os.kill(pid, signal.SIGKILL)
+            _wait_state(pid, {None})
+            return pid
+        time.sleep(0.005)
+    pytest.fail(f"job {job_id} never reached stage {stage!r} of attempt {attempt}: "
+                f"{tuple(job_row(db, job_id))}\n{stack.worker.output()[-3000:]}")
+
+
+def _assert_worker_saw_kill(stack: Stack, pid: int) -> None:
+    deadline = time.monotonic() + 10
+    needle = f"pid:{pid} exited with 'signal 9 (SIGKILL)'"
+    while needle not in stack.worker.output():
+        assert time.monotonic() < deadline, stack.worker.output()[-3000:]
+        time.sleep(0.1)
+    assert stack.worker.proc.poll() is None, "the worker's main process must survive"
+
+
+@pytest.mark.parametrize("stage", KILL_STAGES)
+def test_kill_pool_child_mid_stage_then_attempt_2_succeeds(stack: Stack, stage: str) -> None:
+    job_id = _submit(stack)
+    t0 = time.monotonic()
+    pid = kill_child_in_stage(stack, job_id, stage, attempt=1)
+    killed_at = time.monotonic() - t0
+    _assert_worker_saw_kill(stack, pid)
+
+    row = wait_terminal(stack.settings.database_url, job_id, JOB_TIMEOUT_S,
+                        stack.worker.output)
+    assert (row.status, row.attempt, row.error_code) == ("succeeded", 2, None), tuple(row)
+    assert row.lease_owner is None
+    got = stack.client.get(f"/v1/jobs/{job_id}", headers=stack.auth).json()
+    assert got["status"] == "succeeded" and got["attempt"] == 2 and got["progress"] == 1.0
+    assert_one_artifact_set(stack.client, stack.auth, stack.settings.database_url, job_id,
+                            attempt=2)
+    # The killed attempt's work directory went with the next attempt's claim.
+    assert work_dirs(stack.work, job_id) == []
+    print(f"\n[{stage}] killed pid {pid} after {killed_at:.1f} s; done after "
+          f"{time.monotonic() - t0:.1f} s")
+
+
+def test_kill_on_every_attempt_ends_worker_lost(stack: Stack) -> None:
+    """MAX_ATTEMPTS=2 here: both attempts killed, the job fails ``worker_lost``, never stuck
+    ``running``, and nothing of either attempt is listed or stored."""
+    job_id = _submit(stack)
+    for attempt in (1, 2):
+        pid = kill_child_in_stage(stack, job_id, "prune", attempt=attempt)
+        _assert_worker_saw_kill(stack, pid)
+    row = wait_terminal(stack.settings.database_url, job_id, JOB_TIMEOUT_S,
+                        stack.worker.output)
+    assert (row.status, row.attempt, row.max_attempts) == ("failed", 2, 2), tuple(row)
+    assert row.error_code == "worker_lost" and "2 of 2 attempts" in row.error_detail
+    got = stack.client.get(f"/v1/jobs/{job_id}", headers=stack.auth).json()
+    assert got["status"] == "failed" and got["error"]["code"] == "worker_lost", got
+    assert_no_artifacts(stack.client, stack.auth, stack.settings.database_url, job_id)
