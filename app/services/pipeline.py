@@ -339,18 +339,20 @@ def run_job(job_id: str, worker_id: str, *, settings: Settings | None = None,
         except EngineError as e:
             _finish_error(sessions, job_id, worker_id, JobStatus.failed.value, e.code, str(e))
             return
-    if attempt > 1:
-        _clear_earlier_attempts(sessions, store, settings, job_id, attempt)
-    if engine_run is None:
-        from app.engine.pipeline import run  # torch: imported only in the pool child
-
-        engine_run = run
-    if settings.tmp_dir is not None:
-        settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-
     lease = _Lease(sessions, settings, job_id, worker_id)
     with lease:
+        # Everything after the claim is inside the try: an exception anywhere (the soft time
+        # limit during the seconds-long torch import, a DB error while clearing an earlier
+        # attempt) must end the job here, not leave it "running" until the reaper retries it.
         try:
+            if attempt > 1:
+                _clear_earlier_attempts(sessions, store, settings, job_id, attempt)
+            if engine_run is None:
+                from app.engine.pipeline import run  # torch: imported only in the pool child
+
+                engine_run = run
+            if settings.tmp_dir is not None:
+                settings.tmp_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix=_work_prefix(job_id),
                                              dir=settings.tmp_dir) as tmp:
                 root = Path(tmp)
