@@ -318,6 +318,26 @@ def _finish_error(sessions: sessionmaker[Session], job_id: str, worker_id: str, 
         s.commit()
 
 
+def preload_engine() -> None:
+    """Import the engine and its libraries (torch, torchao, Torch-Pruning, ONNX, ONNX Runtime).
+
+    Called in a Celery worker's main process before the pool forks (``worker_init``), so that
+    every pool child starts with them imported, including the child that replaces one that
+    was killed: without it each new child spends seconds importing torch after claiming a job.
+    Imports only: no tensor work and no CUDA initialisation in the parent (forking after
+    ``import torch`` is what DataLoader workers do; forking after CUDA init is not safe).
+    """
+    import app.engine.formats.data
+    import app.engine.formats.pt2
+    import app.engine.graph
+    import app.engine.pipeline
+    import app.engine.stages.distill
+    import app.engine.stages.evaluate
+    import app.engine.stages.export
+    import app.engine.stages.prune
+    import app.engine.stages.quantize  # noqa: F401
+
+
 def run_job(job_id: str, worker_id: str, *, settings: Settings | None = None,
             timeout_exceptions: tuple[type[BaseException], ...] = (),
             engine_run: Callable[..., Result] | None = None) -> None:

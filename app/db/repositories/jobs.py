@@ -190,3 +190,11 @@ def stale_queued(session: Session, enqueued_before: datetime, limit: int = 100) 
                           or_(Job.enqueued_at.is_(None), Job.enqueued_at < enqueued_before))
         .order_by(Job.created_at).limit(limit)).all()
 
+
+
+def statuses(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
+    """Status of each existing job among ``job_ids`` (missing ids are left out)."""
+    if not job_ids:
+        return {}
+    return {i: st for i, st in session.execute(
+        select(Job.id, Job.status).where(Job.id.in_(list(job_ids))))}
