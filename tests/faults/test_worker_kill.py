@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from tests.faults.conftest import (
     assert_one_artifact_set,
     fault_env,
     job_row,
+    stored_keys,
     upload_mlp,
     wait_terminal,
     work_dirs,
@@ -123,14 +124,22 @@ def _wait_state(pid: int, ok: set[str | None], timeout_s: float = 10) -> None:
     raise AssertionError(f"pid {pid} not in state {ok} after {timeout_s} s: {_proc_stat(pid)}")
 
 
-def kill_child_in_stage(stack: Stack, job_id: str, stage: str, attempt: int) -> int:
-    """SIGKILL the pool child running ``job_id`` while it is in ``stage`` of ``attempt``."""
+def _stored_by_attempt(stack: Stack, job_id: str, attempt: int) -> set[str]:
+    _, blobs = stored_keys(stack.settings.database_url, job_id)
+    return {k for k in blobs if k.startswith(f"jobs/{job_id}/attempt-{attempt}/")}
+
+
+def kill_child_in_stage(stack: Stack, job_id: str, stage: str, attempt: int,
+                        ready: Callable[[], bool] | None = None) -> int:
+    """SIGKILL the pool child running ``job_id`` while it is in ``stage`` of ``attempt``
+    (and, if given, once ``ready()`` holds as well)."""
     db = stack.settings.database_url
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
         row = job_row(db, job_id)
         assert row.status not in {"succeeded", "failed", "cancelled"}, tuple(row)
-        if row.status == "running" and row.attempt == attempt and row.stage == stage:
+        if (row.status == "running" and row.attempt == attempt and row.stage == stage
+                and (ready is None or ready())):
             pid = int(row.lease_owner.split(":")[1])  # host:pid:task id
             st = _proc_stat(pid)
             # The process running the task: a child of the worker, never its main process.
@@ -139,8 +148,8 @@ def kill_child_in_stage(stack: Stack, job_id: str, stage: str, attempt: int) -> 
             _wait_state(pid, {"T", "t"})
             time.sleep(0.3)  # a progress write sent just before the stop reaches the server
             again = job_row(db, job_id)
-            if (again.stage, again.lease_owner, again.attempt) != (stage, row.lease_owner,
-                                                                   attempt):
+            if (again.status, again.stage, again.lease_owner, again.attempt) != (
+                    "running", stage, row.lease_owner, attempt):
                 os.kill(pid, signal.SIGCONT)
                 pytest.fail(f"stage {stage!r} ended before the kill could land: {tuple(again)}")
             os.kill(pid, signal.SIGKILL)
@@ -164,9 +173,16 @@ def _assert_worker_saw_kill(stack: Stack, pid: int) -> None:
 def test_kill_pool_child_mid_stage_then_attempt_2_succeeds(stack: Stack, stage: str) -> None:
     job_id = _submit(stack, DISTILL_RECIPE if stage == "distill" else RECIPE)
     t0 = time.monotonic()
-    pid = kill_child_in_stage(stack, job_id, stage, attempt=1)
+    ready = None
+    if stage == "store":  # mid-store: after some of attempt 1's bytes are in, not all rows
+        def ready() -> bool:
+            return bool(_stored_by_attempt(stack, job_id, 1))
+    pid = kill_child_in_stage(stack, job_id, stage, attempt=1, ready=ready)
     killed_at = time.monotonic() - t0
     _assert_worker_saw_kill(stack, pid)
+    if stage == "store":  # the dead attempt left bytes behind: attempt 2 must remove them
+        left = _stored_by_attempt(stack, job_id, 1)
+        assert left, left
 
     row = wait_terminal(stack.settings.database_url, job_id, JOB_TIMEOUT_S,
                         stack.worker.output)
