@@ -88,15 +88,15 @@ def test_duplicate_delivery_finds_lease_taken_and_exits(
             deadline = time.monotonic() + 30
             done = re.compile(re.escape(f"Task modelpress.jobs.run[{task_id}] succeeded in ")
                               + r"([0-9.]+)s")
-            while not (m := done.search(b.output())):
+            while not done.search(b.output()):
                 assert time.monotonic() < deadline, ("no duplicate delivery to B",
                                                      b.output()[-3000:])
                 time.sleep(0.1)
             assert received in b.output()
-            assert float(m.group(1)) < 1.0  # the claim refused it: no engine work
+            # The claim refused it: the job is untouched, still A's first attempt.
             mid = job_row(faults_pg_url, job_id)
-            assert mid.status == "running", (tuple(mid), a.output()[-3000:])
-            assert (mid.attempt, mid.lease_owner) == (1, owner), tuple(mid)
+            assert (mid.status, mid.attempt, mid.lease_owner) == ("running", 1, owner), \
+                (tuple(mid), a.output()[-2000:])
 
             row = wait_terminal(faults_pg_url, job_id, 150, a.output)
             assert (row.status, row.attempt, row.error_code) == ("succeeded", 1, None), \

@@ -95,7 +95,10 @@ def stack(request: pytest.FixtureRequest, faults_pg_url: str, faults_redis_url: 
     backend = request.param
     tmp = tmp_path_factory.mktemp(f"storage-{backend}")
     store_dir = tmp / "store" if backend == "local" else None
-    env = fault_env(faults_pg_url, faults_redis_url, tmp, MODELPRESS_STORAGE_BACKEND=backend)
+    # No maintenance pass in the worker: it would sweep an ended job's work directory and
+    # hide a run that failed to remove its own.
+    env = fault_env(faults_pg_url, faults_redis_url, tmp, MODELPRESS_REAPER_IN_WORKER="false",
+                    MODELPRESS_STORAGE_BACKEND=backend)
     if store_dir is not None:
         store_dir.mkdir()
         _sh("mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(store_dir))

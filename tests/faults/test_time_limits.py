@@ -61,7 +61,9 @@ class Stack:
 def stack(faults_pg_url: str, faults_redis_url: str, mlp_files: dict[str, Path],
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("limits")
-    env = fault_env(faults_pg_url, faults_redis_url, tmp,
+    # No maintenance pass in the worker: it would sweep an ended job's work directory and
+    # hide a run that failed to remove its own.
+    env = fault_env(faults_pg_url, faults_redis_url, tmp, MODELPRESS_REAPER_IN_WORKER="false",
                     MODELPRESS_JOB_SOFT_TIME_LIMIT_S=str(SOFT_LIMIT_S),
                     MODELPRESS_JOB_HARD_TIME_LIMIT_S=str(SOFT_LIMIT_S + 30),
                     MODELPRESS_BROKER_VISIBILITY_TIMEOUT_S=str(SOFT_LIMIT_S + 60))

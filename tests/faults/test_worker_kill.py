@@ -37,6 +37,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.main import create_app
 from tests.faults.conftest import (
+    TERMINAL,
     assert_no_artifacts,
     assert_one_artifact_set,
     fault_env,
@@ -183,6 +184,18 @@ def test_kill_pool_child_mid_stage_then_attempt_2_succeeds(stack: Stack, stage: 
     if stage == "store":  # the dead attempt left bytes behind: attempt 2 must remove them
         left = _stored_by_attempt(stack, job_id, 1)
         assert left, left
+    dead_dirs = work_dirs(stack.work, job_id)
+    assert len(dead_dirs) == 1, dead_dirs  # the killed attempt's, left behind
+    # Attempt 2's claim removes it (observed while attempt 2 runs: the maintenance sweep
+    # only removes the directories of jobs that have ended).
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        row = job_row(stack.settings.database_url, job_id)
+        if row.attempt == 2 and row.status == "running" and row.stage not in (None, "load"):
+            assert not dead_dirs[0].exists(), dead_dirs
+            break
+        assert row.status not in TERMINAL and time.monotonic() < deadline, tuple(row)
+        time.sleep(0.02)
 
     row = wait_terminal(stack.settings.database_url, job_id, JOB_TIMEOUT_S,
                         stack.worker.output)
@@ -192,7 +205,6 @@ def test_kill_pool_child_mid_stage_then_attempt_2_succeeds(stack: Stack, stage: 
     assert got["status"] == "succeeded" and got["attempt"] == 2 and got["progress"] == 1.0
     assert_one_artifact_set(stack.client, stack.auth, stack.settings.database_url, job_id,
                             attempt=2)
-    # The killed attempt's work directory went with the next attempt's claim.
     assert work_dirs(stack.work, job_id) == []
     print(f"\n[{stage}] killed pid {pid} after {killed_at:.1f} s; done after "
           f"{time.monotonic() - t0:.1f} s")
