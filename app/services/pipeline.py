@@ -215,6 +215,7 @@ def _store_outcome(sessions: sessionmaker[Session], store: ArtifactStore, inp: _
         files["report.json"] = p
     written: list[str] = []
     artifacts: list[Artifact] = []
+    committed: list[bool] = []  # set right after the commit: the bytes are the job's then
     try:
         for name, path in sorted(files.items()):
             key = f"{_attempt_prefix(inp.job_id, inp.attempt)}{name}"
@@ -227,9 +228,11 @@ def _store_outcome(sessions: sessionmaker[Session], store: ArtifactStore, inp: _
             artifacts.append(Artifact(
                 job_id=inp.job_id, name=name, sha256=sha, size_bytes=size, storage_key=key,
                 content_type=CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream")))
-        done = _commit_outcome(sessions, inp, result, artifacts, worker_id, stage_seconds)
+        done = _commit_outcome(sessions, inp, result, artifacts, worker_id, stage_seconds,
+                               committed)
     except BaseException:
-        _delete_keys(store, written)
+        if not committed:
+            _delete_keys(store, written)
         raise
     if not done:  # someone else owns the job now; its own attempt stores its own bytes
         _delete_keys(store, written)
@@ -238,7 +241,7 @@ def _store_outcome(sessions: sessionmaker[Session], store: ArtifactStore, inp: _
 
 def _commit_outcome(sessions: sessionmaker[Session], inp: _Inputs, result: Result,
                     artifacts: list[Artifact], worker_id: str,
-                    stage_seconds: dict[str, float]) -> bool:
+                    stage_seconds: dict[str, float], committed: list[bool]) -> bool:
     rows = [JobMetric(job_id=inp.job_id, kind="stage", name=name[:64],
                       metrics={"seconds": round(sec, 3)})
             for name, sec in stage_seconds.items()]
@@ -276,6 +279,7 @@ def _commit_outcome(sessions: sessionmaker[Session], inp: _Inputs, result: Resul
             artifact_repo.add(s, a)
         metric_repo.replace_for_job(s, inp.job_id, rows)
         s.commit()
+        committed.append(True)
     return True
 
 
