@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -322,6 +323,32 @@ def _finish_error(sessions: sessionmaker[Session], job_id: str, worker_id: str, 
         s.commit()
 
 
+def _dead_local_owner(owner: str | None, worker_id: str) -> str | None:
+    """``owner`` if it is provably dead: the same message (task id) on the same host, and its
+    process gone. Celery requeues a task whose pool child died (task_reject_on_worker_lost),
+    and the replacement child receives it at once, while the dead child's lease still runs
+    for up to job_lease_s; this lets it take over at once. Worker ids are
+    ``host:pid:task id`` (workers/tasks.py). Anything else (another host, another message, a
+    live or unknown process) is left to the lease and the reaper."""
+    if owner is None:
+        return None
+    try:
+        o_host, o_pid, o_task = owner.split(":", 2)
+        m_host, m_pid, m_task = worker_id.split(":", 2)
+        pid = int(o_pid)
+    except ValueError:
+        return None
+    if (o_host, o_task) != (m_host, m_task) or o_pid == m_pid or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return owner
+    except PermissionError:  # exists, another user's
+        return None
+    return None
+
+
 def preload_engine() -> None:
     """Import the engine and its libraries (torch, torchao, Torch-Pruning, ONNX, ONNX Runtime).
 
@@ -352,6 +379,15 @@ def run_job(job_id: str, worker_id: str, *, settings: Settings | None = None,
     store = get_store(settings)
     with sessions() as s:
         job = job_repo.claim(s, job_id, worker_id, settings.job_lease_s)
+        if job is None:
+            s.rollback()
+            dead = _dead_local_owner(job_repo.lease_owner(s, job_id), worker_id)
+            if dead is not None:  # take over now rather than wait for the lease to expire
+                job = job_repo.claim(s, job_id, worker_id, settings.job_lease_s,
+                                     dead_owner=dead)
+                if job is not None:
+                    log.warning("job %s: taking over from %s, a dead process on this host",
+                                job_id, dead)
         if job is None:
             s.rollback()
             log.info("job %s not claimable (finished, cancelled or leased elsewhere)", job_id)

@@ -63,8 +63,9 @@ ALL_ARTIFACTS = ["candidates.json", "model.onnx", "model.pt2", "report.json"]
 
 def fault_env(pg_url: str, redis_url: str, tmp: Path, **overrides: str) -> dict[str, str]:
     """Worker/API environment with short leases: a dead worker's job is reaped within about
-    JOB_LEASE_S + REAPER_INTERVAL_S seconds. The lease stays well above the heartbeat (10x)
-    so a live job on 2 busy cores is never mistaken for a dead one."""
+    JOB_LEASE_S + REAPER_INTERVAL_S seconds. The lease stays far above the heartbeat (30x):
+    on 2 loaded cores a heartbeat thread was seen starved of the GIL for 4.5 s during
+    quantization, and a 5 s lease then had a live job reaped."""
     env = {
         "MODELPRESS_DATABASE_URL": pg_url,
         "MODELPRESS_BROKER_URL": redis_url,
@@ -74,7 +75,7 @@ def fault_env(pg_url: str, redis_url: str, tmp: Path, **overrides: str) -> dict[
         "MODELPRESS_AUTH_CACHE_S": "0",
         "MODELPRESS_REAPER_IN_WORKER": "true",
         "MODELPRESS_REAPER_INTERVAL_S": "0.5",
-        "MODELPRESS_JOB_LEASE_S": "5",
+        "MODELPRESS_JOB_LEASE_S": "15",
         "MODELPRESS_HEARTBEAT_INTERVAL_S": "0.5",
         "MODELPRESS_PROGRESS_WRITE_INTERVAL_S": "0.2",
         "MODELPRESS_MAX_ATTEMPTS": "2",

@@ -7,12 +7,13 @@ The worker preloads the engine (MODELPRESS_WORKER_PRELOAD_ENGINE, the default), 
 that replaces a killed one starts at once.
 
 Which path redelivers. ``task_acks_late`` + ``task_reject_on_worker_lost`` make Celery requeue
-the message the moment the main process sees its child die; the new child receives it at once,
-but the dead child's lease in Postgres has not expired yet, so the claim refuses it and the
-task returns (acked). The job is recovered by the reaper (in the worker's main process here):
-once the lease has expired (JOB_LEASE_S after the last heartbeat) it requeues the job and
-sends a new message, and that claim is attempt 2; after MAX_ATTEMPTS it fails the job with
-``worker_lost`` instead. The tests assert the observable outcome, not the path.
+the message the moment the main process sees its child die, and the replacement child receives
+it at once. The dead child's lease in Postgres has not expired yet; but the lease owner is
+``host:pid:task id``, and a delivery of the same task on the same host whose owner pid no
+longer exists takes the job over at once (attempt 2, asserted from the worker log). Without
+that, the claim refuses the redelivery and the job waits for the reaper: it requeues the job
+once the lease has expired (JOB_LEASE_S after the last heartbeat). After MAX_ATTEMPTS the
+claim refuses both, and the reaper fails the job with ``worker_lost`` (the last test).
 
 How the kill is known to land mid-stage: the test polls the job's row until its ``stage`` is
 the target, then SIGSTOPs the child that holds the lease (its pid is in ``lease_owner``),
@@ -130,8 +131,15 @@ def _stored_by_attempt(stack: Stack, job_id: str, attempt: int) -> set[str]:
     return {k for k in blobs if k.startswith(f"jobs/{job_id}/attempt-{attempt}/")}
 
 
+@dataclass
+class Killed:
+    pid: int
+    dirs: list[Path]  # the job's work directories at the moment of the kill
+    stored: set[str]  # keys of this attempt's bytes in the store at that moment
+
+
 def kill_child_in_stage(stack: Stack, job_id: str, stage: str, attempt: int,
-                        ready: Callable[[], bool] | None = None) -> int:
+                        ready: Callable[[], bool] | None = None) -> Killed:
     """SIGKILL the pool child running ``job_id`` while it is in ``stage`` of ``attempt``
     (and, if given, once ``ready()`` holds as well)."""
     db = stack.settings.database_url
@@ -153,9 +161,12 @@ def kill_child_in_stage(stack: Stack, job_id: str, stage: str, attempt: int,
                     "running", stage, row.lease_owner, attempt):
                 os.kill(pid, signal.SIGCONT)
                 pytest.fail(f"stage {stage!r} ended before the kill could land: {tuple(again)}")
+            # Frozen, it cannot change them: what it leaves behind.
+            dirs = work_dirs(stack.work, job_id)
+            stored = _stored_by_attempt(stack, job_id, attempt)
             os.kill(pid, signal.SIGKILL)
             _wait_state(pid, {None})
-            return pid
+            return Killed(pid, dirs, stored)
         time.sleep(0.005)
     pytest.fail(f"job {job_id} never reached stage {stage!r} of attempt {attempt}: "
                 f"{tuple(job_row(db, job_id))}\n{stack.worker.output()[-3000:]}")
@@ -178,24 +189,25 @@ def test_kill_pool_child_mid_stage_then_attempt_2_succeeds(stack: Stack, stage: 
     if stage == "store":  # mid-store: after some of attempt 1's bytes are in, not all rows
         def ready() -> bool:
             return bool(_stored_by_attempt(stack, job_id, 1))
-    pid = kill_child_in_stage(stack, job_id, stage, attempt=1, ready=ready)
+    killed = kill_child_in_stage(stack, job_id, stage, attempt=1, ready=ready)
     killed_at = time.monotonic() - t0
-    _assert_worker_saw_kill(stack, pid)
+    _assert_worker_saw_kill(stack, killed.pid)
     if stage == "store":  # the dead attempt left bytes behind: attempt 2 must remove them
-        left = _stored_by_attempt(stack, job_id, 1)
-        assert left, left
-    dead_dirs = work_dirs(stack.work, job_id)
-    assert len(dead_dirs) == 1, dead_dirs  # the killed attempt's, left behind
+        assert killed.stored, killed
+    assert len(killed.dirs) == 1, killed  # the killed attempt's work directory, left behind
     # Attempt 2's claim removes it (observed while attempt 2 runs: the maintenance sweep
     # only removes the directories of jobs that have ended).
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:
         row = job_row(stack.settings.database_url, job_id)
         if row.attempt == 2 and row.status == "running" and row.stage not in (None, "load"):
-            assert not dead_dirs[0].exists(), dead_dirs
+            assert not killed.dirs[0].exists(), killed
             break
         assert row.status not in TERMINAL and time.monotonic() < deadline, tuple(row)
         time.sleep(0.02)
+    # Celery's redelivery took it over at once, not the reaper after the lease.
+    assert f"job {job_id}: taking over from" in stack.worker.output()
+    assert not _stored_by_attempt(stack, job_id, 1)
 
     row = wait_terminal(stack.settings.database_url, job_id, JOB_TIMEOUT_S,
                         stack.worker.output)
@@ -206,7 +218,7 @@ def test_kill_pool_child_mid_stage_then_attempt_2_succeeds(stack: Stack, stage: 
     assert_one_artifact_set(stack.client, stack.auth, stack.settings.database_url, job_id,
                             attempt=2)
     assert work_dirs(stack.work, job_id) == []
-    print(f"\n[{stage}] killed pid {pid} after {killed_at:.1f} s; done after "
+    print(f"\n[{stage}] killed pid {killed.pid} after {killed_at:.1f} s; done after "
           f"{time.monotonic() - t0:.1f} s")
 
 
@@ -215,8 +227,8 @@ def test_kill_on_every_attempt_ends_worker_lost(stack: Stack) -> None:
     ``running``, and nothing of either attempt is listed or stored."""
     job_id = _submit(stack)
     for attempt in (1, 2):
-        pid = kill_child_in_stage(stack, job_id, "prune", attempt=attempt)
-        _assert_worker_saw_kill(stack, pid)
+        killed = kill_child_in_stage(stack, job_id, "prune", attempt=attempt)
+        _assert_worker_saw_kill(stack, killed.pid)
     row = wait_terminal(stack.settings.database_url, job_id, JOB_TIMEOUT_S,
                         stack.worker.output)
     assert (row.status, row.attempt, row.max_attempts) == ("failed", 2, 2), tuple(row)
