@@ -116,6 +116,10 @@ class _Lease:
             except Exception:  # a DB blip must not kill the run; the next beat retries
                 log.warning("heartbeat failed for job %s", self.job_id, exc_info=True)
 
+    @property
+    def stage(self) -> str | None:
+        return self._stage
+
     def check(self) -> None:
         if self.lost:
             raise LeaseLost("lease lost: another worker owns this job now")
@@ -184,6 +188,18 @@ def _candidate_summary(c: Any) -> dict[str, Any]:
     return {"recipe": c.recipe.to_dict(), "feasible": c.feasible, "distilled": c.distilled,
             "quality": m.quality, "latency_p50_ms": m.latency_p50_ms,
             "size_bytes": m.size_bytes, "reasons": list(c.reasons)}
+
+
+def _caused_by(e: BaseException, types: tuple[type[BaseException], ...]) -> bool:
+    """Whether ``e`` or an exception it was raised from / while handling is one of ``types``."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen and types:
+        if isinstance(cur, types):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _describe(e: BaseException) -> str:
@@ -439,15 +455,23 @@ def run_job(job_id: str, worker_id: str, *, settings: Settings | None = None,
         except Cancelled as e:
             _finish_error(sessions, job_id, worker_id, JobStatus.cancelled.value, "cancelled",
                           str(e))
-        except EngineError as e:
-            _finish_error(sessions, job_id, worker_id, JobStatus.failed.value, e.code, str(e))
-        except StorageWriteError as e:
-            log.warning("job %s: %s", job_id, e)
-            _finish_error(sessions, job_id, worker_id, JobStatus.failed.value, e.code, str(e))
         except timeout_exceptions as e:
             _finish_error(sessions, job_id, worker_id, JobStatus.failed.value, "timeout",
                           f"soft time limit reached ({settings.job_soft_time_limit_s} s): {e}")
         except Exception as e:
-            log.exception("job %s failed", job_id)
-            _finish_error(sessions, job_id, worker_id, JobStatus.failed.value, "internal_error",
-                          f"{type(e).__name__}: {e}")
+            # The soft limit's exception is raised wherever the task is, and library code may
+            # wrap it (torch.onnx.export raises ConversionError from it; a stage raises
+            # InvalidRecipe from whatever failed): look for it in the cause chain.
+            if _caused_by(e, timeout_exceptions):
+                _finish_error(sessions, job_id, worker_id, JobStatus.failed.value, "timeout",
+                              f"soft time limit reached ({settings.job_soft_time_limit_s} s)"
+                              f" during {lease.stage!r} (raised as {type(e).__name__})")
+            elif isinstance(e, EngineError | StorageWriteError):
+                if isinstance(e, StorageWriteError):
+                    log.warning("job %s: %s", job_id, e)
+                _finish_error(sessions, job_id, worker_id, JobStatus.failed.value, e.code,
+                              str(e))
+            else:
+                log.exception("job %s failed", job_id)
+                _finish_error(sessions, job_id, worker_id, JobStatus.failed.value,
+                              "internal_error", f"{type(e).__name__}: {e}")

@@ -22,6 +22,7 @@ import re
 import time
 from pathlib import Path
 
+import redis
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -58,6 +59,10 @@ def test_duplicate_delivery_finds_lease_taken_and_exits(
              "MODELPRESS_TMP_DIR": str(tmp_path / "b" / "work")}
     settings = settings_from_env(env_a)
     settings_from_env(env_b)  # B's settings are valid too: the validator cannot see the fleet
+    # A fresh broker DB: a worker stopped earlier in the session (cold shutdown, SIGKILL of
+    # its group) can leave kombu's restore mutex behind (it expires after 300 s), and B's
+    # restore sweep would then skip silently.
+    redis.Redis.from_url(faults_redis_url).flushdb()
     a = start_worker(env_a, tmp_path / "a.log")
     b = None
     try:
@@ -89,7 +94,8 @@ def test_duplicate_delivery_finds_lease_taken_and_exits(
             done = re.compile(re.escape(f"Task modelpress.jobs.run[{task_id}] succeeded in ")
                               + r"([0-9.]+)s")
             while not done.search(b.output()):
-                assert time.monotonic() < deadline, ("no duplicate delivery to B",
+                keys = redis.Redis.from_url(faults_redis_url).keys()
+                assert time.monotonic() < deadline, ("no duplicate delivery to B", keys,
                                                      b.output()[-3000:])
                 time.sleep(0.1)
             assert received in b.output()
