@@ -65,9 +65,8 @@ def test_duplicate_delivery_finds_lease_taken_and_exits(
              "MODELPRESS_WORKER_PRELOAD_ENGINE": "false"}  # B starts fast; never runs a job
     settings = settings_from_env(env_a)
     settings_from_env(env_b)  # B's settings are valid too: the validator cannot see the fleet
-    # A fresh broker DB: a worker stopped earlier in the session (cold shutdown, SIGKILL of
-    # its group) can leave kombu's restore mutex behind (it expires after 300 s), and B's
-    # restore sweep would then skip silently.
+    # A fresh broker DB: nothing another test left (unacked entries, kombu's restore mutex)
+    # may change what B's restore sweep does.
     redis.Redis.from_url(faults_redis_url).flushdb()
     a = start_worker(env_a, tmp_path / "a.log")
     b = None
