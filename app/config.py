@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     # statements are guarded, so several workers doing it is harmless). Celery beat can run
     # the same task (modelpress.maintenance.tick) instead when this is off.
     reaper_in_worker: bool = True
+    # Import torch & co. in the worker's main process before the pool forks: a pool child
+    # (a first one, or the replacement of one that died) then starts a job at once instead
+    # of importing for seconds (~6 s here) while holding its lease. Off: each child imports.
+    worker_preload_engine: bool = True
 
     # --- auth ----------------------------------------------------------------------------
     # Create a development tenant + key on first start (embedded default only by default).

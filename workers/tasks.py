@@ -8,13 +8,13 @@ import threading
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 from sqlalchemy.pool import NullPool
 
 from app.config import get_settings
 from app.db.session import make_engine
 from app.services import maintenance_loop
-from app.services.pipeline import run_job
+from app.services.pipeline import preload_engine, run_job
 from workers.celery_app import app
 
 _maintenance_stop: threading.Event | None = None
@@ -36,6 +36,13 @@ def tick() -> dict[str, int]:
     finally:
         engine.dispose()
     return {"requeued": requeued, "resent": resent}
+
+
+@worker_init.connect
+def _preload_engine(**_: Any) -> None:
+    # Main process, before the pool forks: children inherit the imported engine.
+    if get_settings().worker_preload_engine:
+        preload_engine()
 
 
 @worker_ready.connect

@@ -316,6 +316,9 @@ class StageEvaluator:
         pruned = self._prune(recipe)
         pruned.eval()
         if recipe.quant == "int8_static":
+            # Reported at its start (the planner reports "quantize" only once it is built),
+            # so the job's stage says what the worker is doing.
+            self.clock.progress("quantize", 0.0, "int8 static: calibrating")
             q = quantize_static(pruned, self.example_inputs, self._calib(),
                                 skip_depthwise=self.skip_depthwise)
             return self._export(recipe, pruned, "ptq", q)
@@ -371,12 +374,14 @@ def run(
     *,
     eval_data_path: Path | None = None,
     space: SearchSpace | None = None,
+    work_dir: Path | None = None,
 ) -> Result:
     """Compress ``model_path`` (.pt2) under ``spec`` using ``data_path``; write artifacts.
 
     Raises ``EngineError`` subclasses: bad model / data (InvalidModel, UnsafeModel, InvalidData,
     InputMismatch), InvalidRecipe, Cancelled (from ``on_progress``), TimeBudgetExceeded.
-    ``space`` overrides the search grid (tests, benchmarks). Artifacts in ``out_dir``:
+    ``space`` overrides the search grid (tests, benchmarks). ``work_dir``: where the scratch
+    directory (candidate ONNX files) is made, default the system temp dir. Artifacts in ``out_dir``:
     ``model.onnx``, ``model.pt2``, ``report.json``, ``candidates.json``.
     """
     model_path, data_path, out_dir = Path(model_path), Path(data_path), Path(out_dir)
@@ -385,7 +390,8 @@ def run(
         raise InvalidRecipe("time_budget_s, batch_size and threads must be positive "
                             f"(got {c.time_budget_s}, {c.batch_size}, {c.threads})")
     clock = _Clock(c.time_budget_s, on_progress)
-    with _deterministic(), tempfile.TemporaryDirectory(prefix="modelpress-") as tmp:
+    with _deterministic(), tempfile.TemporaryDirectory(prefix="modelpress-",
+                                                       dir=work_dir) as tmp:
         return _run(model_path, data_path, spec, out_dir, clock, Path(tmp), eval_data_path, space)
 
 

@@ -5,8 +5,11 @@ Both return the (job id, queue) pairs to (re-)send; the caller commits first, th
 
 from __future__ import annotations
 
+import re
+import shutil
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
@@ -62,3 +65,30 @@ def reconcile_queued(session: Session, settings: Settings, now: datetime | None 
     for job in stale:
         repo.mark_enqueued(session, job.id, now)
     return [(j.id, j.queue) for j in stale]
+
+
+# <tmp>/modelpress-<job id>-<tempfile suffix>: the work directory of one job attempt
+# (app/services/pipeline.py). Job ids are 32 hex digits; other "modelpress-*" directories
+# (the offline engine's scratch directories) never match.
+_WORK_DIR = re.compile(r"modelpress-([0-9a-f]{32})-[^/]+")
+TERMINAL = {JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value}
+
+
+def sweep_work_dirs(session: Session, tmp_root: Path) -> int:
+    """Remove this host's work directories of jobs that have ended: a pool child killed
+    mid-job leaves its directory behind, and when that was the job's last attempt no later
+    claim of the same job removes it. A running job's directory stays (its owner may be
+    alive). Returns how many directories were removed."""
+    found: dict[str, list[Path]] = {}
+    try:
+        for d in tmp_root.iterdir():
+            m = _WORK_DIR.fullmatch(d.name)
+            if m and d.is_dir():
+                found.setdefault(m.group(1), []).append(d)
+    except FileNotFoundError:
+        return 0
+    done = [i for i, st in repo.statuses(session, list(found)).items() if st in TERMINAL]
+    for job_id in done:
+        for d in found[job_id]:
+            shutil.rmtree(d, ignore_errors=True)
+    return sum(len(found[i]) for i in done)

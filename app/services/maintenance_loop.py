@@ -8,7 +8,9 @@ must never inherit an open database connection.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -33,6 +35,11 @@ def run_once(settings: Settings, celery_app: Any, engine: Any) -> tuple[int, int
     if reaped or stale:
         log.warning("maintenance: requeued %d job(s) whose worker stopped, re-sent %d",
                     len(reaped), len(stale))
+    with Session(engine) as session:
+        swept = maintenance.sweep_work_dirs(
+            session, Path(settings.tmp_dir or tempfile.gettempdir()))
+    if swept:
+        log.warning("maintenance: removed %d work directory(ies) of ended jobs", swept)
     return len(reaped), len(stale)
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from app.config import Settings
-from app.storage.base import ArtifactStore, StoreError, file_chunks
+from app.storage.base import ArtifactStore, StorageWriteError, StoreError, file_chunks
 
-__all__ = ["ArtifactStore", "StoreError", "file_chunks", "get_store"]
+__all__ = ["ArtifactStore", "StorageWriteError", "StoreError", "file_chunks", "get_store"]
 
 
 def get_store(settings: Settings) -> ArtifactStore:

@@ -13,6 +13,15 @@ class StoreError(Exception):
     """A key is invalid or missing."""
 
 
+class StorageWriteError(Exception):
+    """Writing bytes failed in the backend (disk full, database error, S3 unreachable).
+
+    ``code`` is the stable error code a job that hit it ends with.
+    """
+
+    code = "storage_error"
+
+
 @runtime_checkable
 class ArtifactStore(Protocol):
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> tuple[int, str]:
@@ -32,6 +41,11 @@ class ArtifactStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every object whose key starts with ``prefix`` (a ``dir/`` ending in ``/``);
+        return how many were removed. Cleans up after a job attempt that died mid-write."""
+        ...
+
 
 def check_key(key: str) -> str:
     """Keys are relative, slash-separated, without ``..`` (they become paths on disk)."""
@@ -39,6 +53,15 @@ def check_key(key: str) -> str:
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key:
         raise StoreError(f"invalid storage key {key!r}")
     return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A prefix is a valid key followed by ``/``: it names a whole directory, never a
+    partial file name (``jobs/1`` must not match ``jobs/12/...``)."""
+    if not prefix.endswith("/"):
+        raise StoreError(f"invalid storage prefix {prefix!r} (must end with '/')")
+    check_key(prefix[:-1])
+    return prefix
 
 
 def file_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from app.storage.base import CHUNK_BYTES, StoreError, check_key
+from app.storage.base import CHUNK_BYTES, StoreError, check_key, check_prefix
 
 
 class LocalStore:
@@ -65,3 +66,12 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete_prefix(self, prefix: str) -> int:
+        # Keys map to paths, so a prefix ending in "/" is one directory (temp files included).
+        d = self.root / check_prefix(prefix)
+        if not d.is_dir():
+            return 0
+        n = sum(1 for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+        shutil.rmtree(d)
+        return n

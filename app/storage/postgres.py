@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from sqlalchemy import Engine, delete, func, insert, select
 
 from app.db.models.blob_chunk import BlobChunk
-from app.storage.base import CHUNK_BYTES, StoreError, check_key, rechunk
+from app.storage.base import CHUNK_BYTES, StoreError, check_key, check_prefix, rechunk
 
 
 class PostgresStore:
@@ -65,3 +65,15 @@ class PostgresStore:
             n = conn.execute(select(func.count()).select_from(BlobChunk)
                              .where(BlobChunk.key == check_key(key), BlobChunk.seq == 0))
             return bool(n.scalar_one())
+
+    def delete_prefix(self, prefix: str) -> int:
+        check_prefix(prefix)
+        with self.engine.begin() as conn:
+            # autoescape: "_" and "%" in a key are literal, not LIKE wildcards.
+            res = conn.execute(delete(BlobChunk).where(
+                BlobChunk.key.startswith(prefix, autoescape=True), BlobChunk.seq == 0)
+                .returning(BlobChunk.key))
+            n = len(res.all())
+            conn.execute(delete(BlobChunk).where(
+                BlobChunk.key.startswith(prefix, autoescape=True)))
+        return n

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from app.config import Settings
-from app.storage.base import StoreError, check_key, rechunk
+from app.storage.base import StoreError, check_key, check_prefix, rechunk
 
 PART_BYTES = 8 * 1024 * 1024  # S3 minimum part size is 5 MiB (except the last)
 
@@ -114,3 +114,15 @@ class S3Store:
                 return False
             raise
         return True
+
+    def delete_prefix(self, prefix: str) -> int:
+        full = self._key(check_prefix(prefix)[:-1]) + "/"
+        n = 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:  # at most 1000 per page, the delete_objects limit
+                self.client.delete_objects(Bucket=self.bucket,
+                                           Delete={"Objects": keys, "Quiet": True})
+                n += len(keys)
+        return n

@@ -89,6 +89,24 @@ def test_failed_write_leaves_nothing(store: ArtifactStore) -> None:
     assert not store.exists("models/t/m/model.pt2")
 
 
+def test_delete_prefix_removes_one_directory_only(store: ArtifactStore) -> None:
+    """What a retried job attempt uses to drop an earlier attempt's bytes: everything under
+    the prefix goes, a sibling whose name merely starts the same stays."""
+    for key in ("jobs/j1/attempt-1/model.onnx", "jobs/j1/attempt-1/sub/x.bin",
+                "jobs/j1/attempt-10/model.onnx", "jobs/j1/attempt-2/model.onnx"):
+        store.put_stream(key, [key.encode()])
+    assert store.delete_prefix("jobs/j1/attempt-1/") == 2
+    assert not store.exists("jobs/j1/attempt-1/model.onnx")
+    assert not store.exists("jobs/j1/attempt-1/sub/x.bin")
+    assert store.exists("jobs/j1/attempt-10/model.onnx")
+    assert store.exists("jobs/j1/attempt-2/model.onnx")
+    assert store.delete_prefix("jobs/j1/attempt-1/") == 0  # nothing left: not an error
+    with pytest.raises(StoreError):
+        store.delete_prefix("jobs/j1/attempt-1")  # no trailing "/": would match attempt-10
+    with pytest.raises(StoreError):
+        store.delete_prefix("../")
+
+
 @pytest.mark.parametrize("key", ["../etc/passwd", "/abs", "a//b", "a/./b", "", "a\\b"])
 def test_bad_keys_refused(store: ArtifactStore, key: str) -> None:
     with pytest.raises(StoreError):

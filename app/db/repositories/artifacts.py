@@ -27,3 +27,9 @@ def list_for_job(session: Session, job_id: str) -> Sequence[Artifact]:
 def get(session: Session, job_id: str, name: str) -> Artifact | None:
     return session.scalar(select(Artifact).where(Artifact.job_id == job_id,
                                                  Artifact.name == name))
+
+
+def delete_for_job(session: Session, job_id: str) -> int:
+    """Rows of a job's unfinished earlier attempt (a new attempt is about to run)."""
+    return len(session.execute(delete(Artifact).where(Artifact.job_id == job_id)
+                               .returning(Artifact.id)).all())

@@ -109,16 +109,22 @@ def mark_enqueued(session: Session, job_id: str, at: datetime | None = None) -> 
     session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=at or utcnow()))
 
 
-def claim(session: Session, job_id: str, worker_id: str, lease_s: float) -> Job | None:
-    """Take the lease of a queued job, or of a running job whose lease expired.
+def claim(session: Session, job_id: str, worker_id: str, lease_s: float,
+          dead_owner: str | None = None) -> Job | None:
+    """Take the lease of a queued job, or of a running job whose lease expired, or (when
+    ``dead_owner`` is given: a holder the caller has proven dead) of a running job whose lease
+    that holder still has.
 
     Counts the attempt. Returns the claimed row, or None when someone else holds it, it is
     finished, cancelled, or out of attempts.
     """
     now = utcnow()
+    running_free = Job.lease_expires_at < now
+    if dead_owner is not None:
+        running_free = or_(running_free, Job.lease_owner == dead_owner)
     claimable = or_(
         Job.status == QUEUED,
-        and_(Job.status == RUNNING, Job.lease_expires_at < now),
+        and_(Job.status == RUNNING, running_free),
     )
     stmt = (
         update(Job)
@@ -134,6 +140,12 @@ def claim(session: Session, job_id: str, worker_id: str, lease_s: float) -> Job 
         return None
     job = session.get(Job, job_id, populate_existing=True)
     return job
+
+
+def lease_owner(session: Session, job_id: str) -> str | None:
+    """Holder of a running job's lease (None when the job is not running)."""
+    return session.scalar(select(Job.lease_owner).where(Job.id == job_id,
+                                                        Job.status == RUNNING))
 
 
 def heartbeat(session: Session, job_id: str, worker_id: str, lease_s: float,
@@ -202,3 +214,11 @@ def queued_counts(session: Session) -> dict[str, int]:
     rows = session.execute(select(Job.queue, func.count()).where(Job.status == QUEUED)
                            .group_by(Job.queue)).all()
     return {queue: int(n) for queue, n in rows}
+
+
+def statuses(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
+    """Status of each existing job among ``job_ids`` (missing ids are left out)."""
+    if not job_ids:
+        return {}
+    return {i: st for i, st in session.execute(
+        select(Job.id, Job.status).where(Job.id.in_(list(job_ids))))}
