@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=32, help="digits upscaled to size x size")
     p.add_argument("--epochs", type=int, default=8, help="fp32 training epochs")
-    p.add_argument("--distill-epochs", type=int, default=20)
-    p.add_argument("--time-budget-s", type=float, default=1200.0, help="per ModelPress run")
+    p.add_argument("--distill-epochs", type=int, default=40)
+    p.add_argument("--time-budget-s", type=float, default=1800.0, help="per ModelPress run")
     p.add_argument("--archs", default="rescnn,dwcnn,encoder")
     p.add_argument("--cnn-max-drop", type=float, default=0.005,
                    help="ModelPress max_accuracy_drop for the CNNs (validation split)")
