@@ -1,6 +1,6 @@
 """Issue 2 acceptance benchmark: fp32 vs ONNX Runtime quantization alone vs ModelPress.
 
-    .venv/bin/python bench/engine.py [--size 32 --epochs 8 --time-budget-s 300 --out bench/out]
+    .venv/bin/python bench/engine.py [--size 32 --epochs 8 --time-budget-s 1800 --out bench/out]
 
 On scikit-learn's digits (upscaled to --size x --size, fixed seed, split into train / val /
 test), it trains three architectures from examples/zoo.py — ResCNN (residual blocks, batch
