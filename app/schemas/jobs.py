@@ -40,7 +40,7 @@ class RecipeIn(BaseModel):
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1)
     lr: float = Field(1e-3, gt=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**31 - 1)  # the range of the job seed (an int4 column)
     # Distillation on mixed pairs of samples labelled by the teacher (float inputs only).
     mixup: float = Field(0.0, ge=0, le=10)
 
@@ -68,7 +68,7 @@ class JobCreate(BaseModel):
     constraints: ConstraintsIn = Field(default_factory=lambda: ConstraintsIn.model_validate({}))
     recipe: RecipeIn | None = None
     device: Literal["cpu", "cuda", "auto"] = "auto"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**31 - 1)  # an int4 column
 
     @model_validator(mode="after")
     def _something_stated(self) -> JobCreate:

@@ -73,6 +73,9 @@ def fault_env(pg_url: str, redis_url: str, tmp: Path, **overrides: str) -> dict[
         "MODELPRESS_TMP_DIR": str(tmp / "work"),
         "MODELPRESS_DEV_KEY_BOOTSTRAP": "false",
         "MODELPRESS_AUTH_CACHE_S": "0",
+        "MODELPRESS_RATE_LIMIT_PER_MIN": "0",  # per-tenant limits: tests/service/test_limits.py
+        "MODELPRESS_MAX_CONCURRENT_JOBS": "0",
+        "MODELPRESS_MAX_STORED_BYTES": "0",
         "MODELPRESS_REAPER_IN_WORKER": "true",
         "MODELPRESS_REAPER_INTERVAL_S": "0.5",
         "MODELPRESS_JOB_LEASE_S": "15",

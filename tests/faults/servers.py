@@ -229,6 +229,11 @@ def service_env(database_url: str, broker_url: str, tmp: Path, **overrides: str
         "MODELPRESS_HEARTBEAT_INTERVAL_S": "2",
         "MODELPRESS_PROGRESS_WRITE_INTERVAL_S": "0.2",
         "MODELPRESS_AUTH_CACHE_S": "0",
+        # One tenant submits every job here: per-tenant rate limits and quotas are off (they
+        # are tested in tests/service/test_limits.py).
+        "MODELPRESS_RATE_LIMIT_PER_MIN": "0",
+        "MODELPRESS_MAX_CONCURRENT_JOBS": "0",
+        "MODELPRESS_MAX_STORED_BYTES": "0",
     }
     env.update({f"MODELPRESS_{k.upper()}": v for k, v in overrides.items()})
     return env

