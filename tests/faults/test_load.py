@@ -1,12 +1,10 @@
 """Load: 20 concurrent clients submit tiny real jobs to two worker processes; every job
 reaches a terminal state exactly once, none lost, none duplicated.
 
-The job count is ``MODELPRESS_TEST_LOAD_JOBS``. The issue asks for 200; CI runs 24, because a
-tiny real engine job costs about 5 s of CPU here (two dynamo ONNX exports, about 1.9 s each,
-dominate it), so 200 jobs take about 10 minutes on this shared 2-core machine (measured: 17.8
-jobs/min with 2 workers at load average 6): more than the whole suite's budget. Run the full
-count with ``MODELPRESS_TEST_LOAD_JOBS=200`` or ``python -m bench.load`` (the same stack; it
-prints the throughput).
+The job count is ``MODELPRESS_TEST_LOAD_JOBS``, 200 as the issue asks: on a quiet 2-core
+machine 200 jobs took 3 min 9 s (about 64 jobs/min with 2 workers, since ONNX exports reuse one
+op registry per process); on one shared with other work (load average 6) it was about 17
+jobs/min. ``python -m bench.load`` runs the same stack and prints the throughput.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from bench.load import LoadStack, drive, load_stack
 from tests.faults.servers import TERMINAL, Rows, redis_server
 from tests.service.conftest import create_database, drop_database
 
-JOBS = int(os.environ.get("MODELPRESS_TEST_LOAD_JOBS", "24"))
+JOBS = int(os.environ.get("MODELPRESS_TEST_LOAD_JOBS", "200"))
 CLIENTS = int(os.environ.get("MODELPRESS_TEST_LOAD_CLIENTS", "20"))
 WORKERS = 2
 
