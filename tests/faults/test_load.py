@@ -2,8 +2,8 @@
 reaches a terminal state exactly once, none lost, none duplicated.
 
 The job count is ``MODELPRESS_TEST_LOAD_JOBS``, 200 as the issue asks: on a quiet 2-core
-machine 200 jobs took 3 min 9 s (about 64 jobs/min with 2 workers, since ONNX exports reuse one
-op registry per process); on one shared with other work (load average 6) it was about 17
+machine 200 jobs took 3 min 9 s (about 64 jobs/min with 2 workers); on one shared with other
+work (load average 6), before ONNX exports shared one op registry per process, about 17
 jobs/min. ``python -m bench.load`` runs the same stack and prints the throughput.
 """
 
