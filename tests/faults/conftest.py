@@ -11,19 +11,31 @@ MODELPRESS_TEST_REDIS. Tests that restart servers start their own (tests/faults/
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from app.config import Settings
+from app.main import create_app
 from tests.service.conftest import (
+    LIMITS_OFF,
+    Worker,
     create_database,
     drop_database,
     flushed_redis_db,
     mlp_files,
+    new_key,
+    settings_from_env,
+    start_worker,
+    stop_worker,
+    truncate_all,
 )
 
 __all__ = ["faults_pg_url", "faults_redis_url", "mlp_files"]
@@ -73,9 +85,7 @@ def fault_env(pg_url: str, redis_url: str, tmp: Path, **overrides: str) -> dict[
         "MODELPRESS_TMP_DIR": str(tmp / "work"),
         "MODELPRESS_DEV_KEY_BOOTSTRAP": "false",
         "MODELPRESS_AUTH_CACHE_S": "0",
-        "MODELPRESS_RATE_LIMIT_PER_MIN": "0",  # per-tenant limits: tests/service/test_limits.py
-        "MODELPRESS_MAX_CONCURRENT_JOBS": "0",
-        "MODELPRESS_MAX_STORED_BYTES": "0",
+        **LIMITS_OFF,  # per-tenant limits are tested in tests/service/test_limits.py
         "MODELPRESS_REAPER_IN_WORKER": "true",
         "MODELPRESS_REAPER_INTERVAL_S": "0.5",
         "MODELPRESS_JOB_LEASE_S": "15",
@@ -85,6 +95,37 @@ def fault_env(pg_url: str, redis_url: str, tmp: Path, **overrides: str) -> dict[
     }
     env.update(overrides)
     return env
+
+
+
+@dataclass
+class Stack:
+    """A real worker, an in-process API client with a tenant key, and the uploaded MLP."""
+
+    client: TestClient
+    auth: dict[str, str]
+    worker: Worker
+    settings: Settings
+    work: Path  # MODELPRESS_TMP_DIR: the jobs' work directories
+    model_id: str
+    dataset_id: str
+
+
+@contextlib.contextmanager
+def running_stack(env: dict[str, str], tmp: Path, pg_url: str, files: dict[str, Path],
+                  tenant: str, samples: int = 600) -> Iterator[Stack]:
+    """Start a worker on ``env``, upload the MLP as ``tenant``; stop it and empty the
+    database afterwards."""
+    settings = settings_from_env(env)
+    worker = start_worker(env, tmp / "worker.log")
+    try:
+        auth = {"Authorization": f"Bearer {new_key(settings, tenant)}"}
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            model_id, dataset_id = upload_mlp(client, auth, files, samples=samples)
+            yield Stack(client, auth, worker, settings, tmp / "work", model_id, dataset_id)
+    finally:
+        stop_worker(worker)
+        truncate_all(pg_url)
 
 
 def upload_mlp(client: Any, auth: dict[str, str], files: dict[str, Path],

@@ -15,30 +15,19 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from app.config import Settings
-from app.main import create_app
 from tests.faults.conftest import (
+    Stack,
     assert_no_artifacts,
     fault_env,
     job_row,
-    upload_mlp,
+    running_stack,
     wait_terminal,
     work_dirs,
-)
-from tests.service.conftest import (
-    Worker,
-    new_key,
-    settings_from_env,
-    start_worker,
-    stop_worker,
-    truncate_all,
 )
 
 # Far above the 0.5 s budget of the other test; below the lease (15 s), since the soft-limit
@@ -46,17 +35,6 @@ from tests.service.conftest import (
 SOFT_LIMIT_S = 5
 # Distillation stops early (patience), so the epoch count alone does not make it long.
 LONG_RECIPE = {"prune_ratio": 0.5, "quant": "int8_static", "distill_epochs": 500}
-
-
-@dataclass
-class Stack:
-    client: TestClient
-    auth: dict[str, str]
-    worker: Worker
-    settings: Settings
-    work: Path
-    model_id: str
-    dataset_id: str
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +47,9 @@ def stack(faults_pg_url: str, faults_redis_url: str, mlp_files: dict[str, Path],
                     MODELPRESS_JOB_SOFT_TIME_LIMIT_S=str(SOFT_LIMIT_S),
                     MODELPRESS_JOB_HARD_TIME_LIMIT_S=str(SOFT_LIMIT_S + 30),
                     MODELPRESS_BROKER_VISIBILITY_TIMEOUT_S=str(SOFT_LIMIT_S + 60))
-    settings = settings_from_env(env)
-    worker = start_worker(env, tmp / "worker.log")
-    try:
-        key = new_key(settings, "faults-limits")
-        auth = {"Authorization": f"Bearer {key}"}
-        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-            model_id, dataset_id = upload_mlp(client, auth, mlp_files, samples=1797)
-            yield Stack(client, auth, worker, settings, tmp / "work", model_id, dataset_id)
-    finally:
-        stop_worker(worker)
-        truncate_all(faults_pg_url)
+    with running_stack(env, tmp, faults_pg_url, mlp_files, "faults-limits",
+                       samples=1797) as s:
+        yield s
 
 
 def _run_until_timeout(stack: Stack, body: dict[str, object],

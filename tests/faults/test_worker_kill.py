@@ -33,28 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
-from app.config import Settings
-from app.main import create_app
 from tests.faults.conftest import (
     TERMINAL,
+    Stack,
     assert_no_artifacts,
     assert_one_artifact_set,
     fault_env,
     job_row,
+    running_stack,
     stored_keys,
-    upload_mlp,
     wait_terminal,
     work_dirs,
-)
-from tests.service.conftest import (
-    Worker,
-    new_key,
-    settings_from_env,
-    start_worker,
-    stop_worker,
-    truncate_all,
 )
 
 # "store" is not an engine stage: it is the service writing the artifacts after export, the
@@ -67,33 +57,13 @@ DISTILL_RECIPE = {**RECIPE, "distill_epochs": 2}
 JOB_TIMEOUT_S = 150  # one job incl. a reaped retry; the job itself takes ~10 s here
 
 
-@dataclass
-class Stack:
-    client: TestClient
-    auth: dict[str, str]
-    worker: Worker
-    settings: Settings
-    work: Path
-    model_id: str
-    dataset_id: str
-
-
 @pytest.fixture(scope="module")
 def stack(faults_pg_url: str, faults_redis_url: str, mlp_files: dict[str, Path],
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("kill")
     env = fault_env(faults_pg_url, faults_redis_url, tmp)
-    settings = settings_from_env(env)
-    worker = start_worker(env, tmp / "worker.log")
-    try:
-        key = new_key(settings, "faults-kill")
-        auth = {"Authorization": f"Bearer {key}"}
-        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-            model_id, dataset_id = upload_mlp(client, auth, mlp_files)
-            yield Stack(client, auth, worker, settings, tmp / "work", model_id, dataset_id)
-    finally:
-        stop_worker(worker)
-        truncate_all(faults_pg_url)
+    with running_stack(env, tmp, faults_pg_url, mlp_files, "faults-kill") as s:
+        yield s
 
 
 def _submit(stack: Stack, recipe: dict[str, object] = RECIPE) -> str:
