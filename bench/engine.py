@@ -78,8 +78,8 @@ def split_digits(size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def make(arch: str, size: int) -> torch.nn.Module:
-    # Width 48 (was 32, run of 2026-12-01 at 32 below in the README): at 32 the int8 students
-    # ran in about 0.2 ms at batch 1, where ONNX Runtime's per-operator thread hand-off with
+    # Width 48, was 32 (the README keeps the width-32 figures): at 32 the int8 students ran in
+    # about 0.25 ms at batch 1, where ONNX Runtime's per-operator thread hand-off with
     # 2 threads and spinning off costs more than the int8 convolutions themselves (the same
     # ResCNN student: 0.19 ms on 1 thread, 0.27 ms on 2). At 48 the teacher is 2.25x the
     # compute, and a 70 % prune lands on the 16 base channels that a 55 % prune gave at 32.
