@@ -25,7 +25,7 @@ batch 1 and 8, and accuracy on the held-out TEST split that neither training nor
 Targets (issue 2): each CNN >= 6x smaller and >= 3x faster than fp32 at <= 1.0 point drop;
 every model smaller and faster than ORT quantization alone at equal or better accuracy (within
 0.5 point). Input size and widths (base width 48: about 100 MMACs for ResCNN) make the CNNs
-compute-bound enough for the ratios to mean something, while the whole run stays under 25
+compute-bound enough for the ratios to mean something, while the whole run takes about 26
 minutes on 2 cores.
 """
 
