@@ -14,7 +14,8 @@ encoder) — and for each builds:
 - ModelPress: ``pipeline.run`` on the .pt2 and the training data, with constraints that encode
              the targets (CNNs: >= 6.5x smaller than fp32 and <= 0.5 point accuracy drop on
              the validation split, objective ``fastest``; the encoder: smaller than ORT quant
-             alone at no loss on the validation split, objective ``smallest``). No latency
+             alone at no loss on the validation split, objective ``smallest``); the CNN
+             candidates distil with mixup (``--mixup``, Recipe.mixup). No latency
              limit: the never-slower rule always holds, and a latency limit at the 3x target
              sits inside the measurement noise at batch 1 on shared cores.
 
