@@ -44,6 +44,7 @@ Confidence interval of a drop (``drop_interval``, 95 %, for ``baseline - candida
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Literal
@@ -79,11 +80,6 @@ def is_unit_norm(outputs: np.ndarray) -> bool:
     return bool(nonzero.any() and np.all(np.abs(norms[nonzero] - 1.0) <= UNIT_NORM_TOL))
 
 
-def _width(reference: np.ndarray) -> int | None:
-    """C of an (N, C > 1) output, else None (not a classifier's shape)."""
-    return int(reference.shape[1]) if reference.ndim == 2 and reference.shape[1] > 1 else None
-
-
 def resolve_metric(
     requested: QualityMetric, reference: np.ndarray, labels: np.ndarray | None, *,
     label_max: int | None = None, source: str = "the held-out data",
@@ -97,46 +93,66 @@ def resolve_metric(
     >>> resolve_metric("auto", np.eye(3, dtype=np.float32), None)
     'cosine'
     """
-    width = _width(reference)
-    shape = "(N, " + ", ".join(str(d) for d in reference.shape[1:]) + ")"
     kind: QualityKind
-    if requested == "auto":
-        if reference.ndim == 1 or (reference.ndim == 2 and reference.shape[1] == 1):
-            kind = "mse"
-        elif width is not None and is_unit_norm(reference):
-            kind = "cosine"
-        elif width is not None:
-            kind = "accuracy" if labels is not None else "agreement"
-        else:
-            kind = "cosine"
-    else:
+    if requested != "auto":
         kind = requested
-    if kind in ("accuracy", "agreement") and width is None:
-        raise InvalidRecipe(f"metric {kind!r} needs (N, C) logits with C > 1, but the model "
-                            f"outputs {shape}: use 'cosine' or 'mse'",
-                            details={"metric": kind, "output_shape": list(reference.shape)})
-    if kind == "accuracy" and labels is None:
-        raise InvalidData(f"metric 'accuracy' needs labels, but {source} has no 'labels' key: "
-                          "add integer class ids, or use metric 'agreement' (fidelity to the "
-                          "fp32 model)", details={"input": "labels", "metric": kind})
-    if kind == "cosine" and reference[0].size == 1:
-        raise InvalidRecipe(f"metric 'cosine' of one value per sample {shape} is only its sign: "
-                            "use 'mse'", details={"metric": kind})
+    elif reference.ndim == 1 or (reference.ndim == 2 and reference.shape[1] == 1):
+        kind = "mse"
+    elif reference.ndim == 2 and is_unit_norm(reference):
+        kind = "cosine"
+    elif reference.ndim == 2:
+        kind = "accuracy" if labels is not None else "agreement"
+    else:
+        kind = "cosine"
+    top = label_max if label_max is not None else (
+        None if labels is None or len(labels) == 0 else int(labels.max()))
+    check_declared(kind, reference.shape, has_labels=labels is not None, label_max=top,
+                   source=source)
     if kind == "mse" and len(reference) > 1 and _variance(reference) == 0.0:
         raise InvalidData(f"metric 'mse': the model's outputs are constant over {source} "
                           "(variance 0), so 1 - MSE/Var is undefined: use more varied data",
                           details={"metric": kind})
-    top = label_max if label_max is not None else (
-        None if labels is None or len(labels) == 0 else int(labels.max()))
-    if kind in ("accuracy", "agreement") and top is not None and width is not None \
-            and top >= width:
-        raise InvalidData(
-            f"input 'labels': class ids go up to {top}, but the model outputs {width} values "
-            f"per sample {shape}, i.e. class ids 0..{width - 1}: fix the labels, or if the "
-            "output is an embedding rather than logits set the constraint metric to 'cosine' "
-            "(labels are then not used)",
-            details={"input": "labels", "max_label": top, "output_width": width})
     return kind
+
+
+def check_declared(
+    metric: QualityMetric, output_shape: Sequence[int | None] | None, *, has_labels: bool,
+    label_max: int | None, source: str,
+) -> None:
+    """What can be checked of ``metric`` from shapes and a label summary alone, before any run
+    (the service calls it when a job is submitted; ``resolve_metric`` on the real outputs).
+
+    ``output_shape``: the model's first output, dim 0 = samples, None = unknown dim (the whole
+    shape None when unknown); ``has_labels``: the hold-out has labels; ``label_max``: the
+    largest class id anywhere in the data. Raises InvalidRecipe (the output does not fit the
+    metric) or InvalidData (labels missing for accuracy, or a class id >= the output width).
+    """
+    dims = None if output_shape is None else tuple(output_shape)[1:]
+    shape = "?" if dims is None else "(N, " + ", ".join(
+        "?" if d is None else str(d) for d in dims) + ")"
+    known = dims is not None and all(d is not None for d in dims)
+    per_sample = math.prod(d for d in dims if d is not None) if known and dims else 1
+    if metric in ("accuracy", "agreement") and dims is not None and (
+            len(dims) != 1 or (dims[0] is not None and dims[0] <= 1)):
+        raise InvalidRecipe(f"metric {metric!r} needs (N, C) logits with C > 1, but the model "
+                            f"outputs {shape}: use 'cosine' or 'mse'",
+                            details={"metric": metric, "output_shape": shape})
+    if metric == "accuracy" and not has_labels:
+        raise InvalidData(f"metric 'accuracy' needs labels, but {source} has no 'labels' key: "
+                          "add integer class ids, or use metric 'agreement' (fidelity to the "
+                          "fp32 model)", details={"input": "labels", "metric": metric})
+    if metric == "cosine" and known and per_sample == 1:
+        raise InvalidRecipe(f"metric 'cosine' of one value per sample {shape} is only its sign: "
+                            "use 'mse'", details={"metric": metric})
+    width = dims[0] if dims is not None and len(dims) == 1 else None
+    if metric in ("accuracy", "agreement") and label_max is not None and width is not None \
+            and label_max >= width:
+        raise InvalidData(
+            f"input 'labels': class ids go up to {label_max}, but the model outputs {width} "
+            f"values per sample {shape}, i.e. class ids 0..{width - 1}: fix the labels, or if "
+            "the output is an embedding rather than logits set the constraint metric to "
+            "'cosine' (labels are then not used)",
+            details={"input": "labels", "max_label": label_max, "output_width": width})
 
 
 def _variance(reference: np.ndarray) -> float:
@@ -315,6 +331,7 @@ def holdout_warnings(
 __all__ = [
     "Score",
     "Scorer",
+    "check_declared",
     "drop_interval",
     "holdout_warnings",
     "is_unit_norm",
