@@ -111,8 +111,10 @@ def _row(name: str, m: Any, base: Any, out: TextIO) -> None:
           f" {speed:6.2f}x {m.quality:8.4f} {drop:+7.2f}{interval}", file=out)
 
 
-def print_summary(result: Any, out: TextIO = sys.stdout) -> None:
-    """Baseline, every candidate and the chosen one, in one table."""
+def print_summary(result: Any, out: TextIO | None = None) -> None:
+    """Baseline, every candidate and the chosen one, in one table (default: sys.stdout at
+    call time, so a redirected stdout is honoured)."""
+    out = out or sys.stdout
     base = result.baseline
     print(f"\n  {'model':<34} {'size MB':>9} {'smaller':>7} {'p50 ms':>9} {'faster':>7}"
           f" {base.quality_kind[:8]:>8} {'drop pt':>7} {'95% interval':>16}", file=out)
