@@ -228,7 +228,8 @@ def test_int8_embedder_is_judged_by_cosine(
     np.savez(data, x=x.numpy())  # no labels: fidelity to the fp32 model is the measure
     r = pipeline.run(pt2, data, _spec(INT8, max_accuracy_drop=0.01), tmp_path / "out")
     assert r.baseline.quality_kind == r.best.metrics.quality_kind == "cosine"
-    assert r.status == "succeeded", r.message
+    # Not judged a quality failure (latency on the loaded test machine may still decide).
+    assert not [why for why in r.best.reasons if "drop" in why], r.best.reasons
     drop = r.baseline.quality - r.best.metrics.quality
     assert 0.0 < drop < 1e-3
     ci = r.best.metrics.quality_drop_ci95
