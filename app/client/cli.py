@@ -14,13 +14,13 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, get_args
 
 from pydantic import ValidationError
 
 from app.client.sdk import ApiError, Client
 from app.schemas.common import Problem
-from app.schemas.jobs import ConstraintsIn, JobCreate, JobOut, RecipeIn
+from app.schemas.jobs import ConstraintsIn, JobCreate, JobOut, QualityMetricName, RecipeIn
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 BAR_WIDTH = 28  # characters
@@ -140,15 +140,19 @@ def print_metrics(metrics: dict[str, Any] | None) -> None:
         drop = (base["quality"] - best["quality"]
                 if base.get("quality") is not None and best.get("quality") is not None
                 else None)
+        ci = best.get("quality_drop_ci95")
         print(f"ratios     {ratio:.2f}x smaller, "
               f"{'-' if speed is None else f'{speed:.2f}x'} faster, "
-              f"quality drop {_num(drop, '.4f')}")
+              f"{best.get('quality_kind') or 'quality'} drop {_num(drop, '.4f')}"
+              + (f" (95% interval {ci[0]:+.4f} to {ci[1]:+.4f})" if ci else ""))
     if best.get("recipe"):
         print(f"recipe     {json.dumps(best['recipe'])}")
     cands = metrics.get("candidates") or []
     if cands:
         feasible = sum(1 for c in cands if c.get("feasible"))
         print(f"candidates {len(cands)} evaluated, {feasible} feasible")
+    for w in metrics.get("warnings") or []:
+        print(f"warning    {w}")
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -198,7 +202,7 @@ def build_job(args: argparse.Namespace, model_id: str, dataset_id: str,
               eval_id: str | None) -> JobCreate:
     limits = {k: getattr(args, k) for k in (
         "max_size_mb", "max_latency_ms", "max_accuracy_drop", "batch_size", "threads",
-        "objective", "time_budget_s") if getattr(args, k) is not None}
+        "objective", "time_budget_s", "metric") if getattr(args, k) is not None}
     body: dict[str, Any] = {"model_id": model_id, "dataset_id": dataset_id,
                             "constraints": ConstraintsIn.model_validate(limits),
                             "recipe": _recipe(args.recipe), "device": args.device,
@@ -367,6 +371,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, help="batch size of the latency limit (1)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads of the latency limit (2)")
     p.add_argument("--objective", choices=["smallest", "fastest"])
+    p.add_argument("--metric", choices=get_args(QualityMetricName),
+                   help="what --max-accuracy-drop is measured in (auto)")
     p.add_argument("--time-budget-s", type=float, help="seconds for the whole search (600)")
     p.add_argument("--recipe", help="explicit recipe as JSON, or @file.json (skips the search)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

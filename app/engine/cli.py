@@ -1,7 +1,7 @@
 """``modelpress compress``: run the engine on local files, without the service.
 
     modelpress compress model.pt2 --data data.npz --max-size-mb 2 --max-latency-ms 3 \\
-        --max-accuracy-drop 0.01 [--batch-size 1 --threads 2 --objective smallest \\
+        --max-accuracy-drop 0.01 [--metric auto --batch-size 1 --threads 2 --objective smallest \\
         --time-budget-s 600 --seed 0 --eval-data eval.npz --recipe recipe.json] --out out/
 
 Exit codes: 0 succeeded, 2 bad input (one precise line on stderr, no traceback),
@@ -19,7 +19,9 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, get_args
+
+from app.engine.types import QualityMetric
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -70,7 +72,11 @@ def add_compress_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-latency-ms", type=_positive(float), default=None,
                    help="ONNX Runtime p50 at --batch-size / --threads")
     p.add_argument("--max-accuracy-drop", type=_fraction, default=None,
-                   help="absolute (0.01 = one point)")
+                   help="absolute (0.01 = one point), in units of --metric")
+    p.add_argument("--metric", choices=get_args(QualityMetric), default="auto",
+                   help="quality measure: auto = accuracy with labels / agreement without for "
+                   "logits, cosine for embeddings (unit-norm rows), mse (1 - MSE/Var) for one "
+                   "value per sample")
     p.add_argument("--batch-size", type=_positive(int), default=1)
     p.add_argument("--threads", type=_positive(int), default=2)
     p.add_argument("--objective", choices=("smallest", "fastest"), default="smallest")
@@ -99,15 +105,19 @@ def _row(name: str, m: Any, base: Any, out: TextIO) -> None:
     size_ratio = base.size_bytes / max(m.size_bytes, 1)
     speed = base.latency_p50_ms / max(m.latency_p50_ms, 1e-9)
     drop = (base.quality - m.quality) * 100
+    ci = m.quality_drop_ci95
+    interval = "" if ci is None else f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
     print(f"  {name:<34} {m.size_bytes / 1e6:9.3f} {size_ratio:6.1f}x {m.latency_p50_ms:9.3f}"
-          f" {speed:6.2f}x {m.quality:8.4f} {drop:+7.2f}", file=out)
+          f" {speed:6.2f}x {m.quality:8.4f} {drop:+7.2f}{interval}", file=out)
 
 
-def print_summary(result: Any, out: TextIO = sys.stdout) -> None:
-    """Baseline, every candidate and the chosen one, in one table."""
+def print_summary(result: Any, out: TextIO | None = None) -> None:
+    """Baseline, every candidate and the chosen one, in one table (default: sys.stdout at
+    call time, so a redirected stdout is honoured)."""
+    out = out or sys.stdout
     base = result.baseline
     print(f"\n  {'model':<34} {'size MB':>9} {'smaller':>7} {'p50 ms':>9} {'faster':>7}"
-          f" {base.quality_kind[:8]:>8} {'drop pt':>7}", file=out)
+          f" {base.quality_kind[:8]:>8} {'drop pt':>7} {'95% interval':>16}", file=out)
     _row("fp32 baseline", base, base, out)
     for i, c in enumerate(result.candidates):
         r = c.recipe
@@ -117,6 +127,8 @@ def print_summary(result: Any, out: TextIO = sys.stdout) -> None:
         _row(name, c.metrics, base, out)
     print("  (* chosen, + feasible)", file=out)
     print(f"\n{result.status}: {result.message}", file=out)
+    for w in result.warnings:
+        print(f"warning: {w}", file=out)
     for name, path in result.artifacts.items():
         print(f"  {name:<16} {path}", file=out)
 
@@ -145,6 +157,7 @@ def compress(args: argparse.Namespace) -> int:
                 max_size_mb=args.max_size_mb, max_latency_ms=args.max_latency_ms,
                 max_accuracy_drop=args.max_accuracy_drop, batch_size=args.batch_size,
                 threads=args.threads, objective=args.objective, time_budget_s=args.time_budget_s,
+                metric=args.metric,
             ),
             recipe=None if args.recipe is None else _load_recipe(args.recipe),
             device=args.device,

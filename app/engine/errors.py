@@ -32,7 +32,7 @@ class UnsafeModel(EngineError):
 
 
 class InvalidData(EngineError):
-    """The data file is unreadable or unsafe (pickled arrays, bad header)."""
+    """The data file is unreadable or unsafe (pickled arrays, bad header), or its labels are bad."""
 
     code = "invalid_data"
 

@@ -101,6 +101,12 @@ def _linear_heavy(model: nn.Module) -> bool:
     return lin > conv
 
 
+def _label_max(*parts: Any) -> int | None:
+    """Largest class id over data sets (None when none has labels)."""
+    tops = [int(p.labels.max()) for p in parts if p.labels is not None and len(p.labels)]
+    return max(tops) if tops else None
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -188,6 +194,7 @@ class StageEvaluator:
     ) -> None:
         from app.engine.stages.evaluate import make_session, run_onnx
         from app.engine.stages.export import export_onnx
+        from app.engine.stages.quality import Scorer
 
         self.teacher = teacher
         self.example_inputs = example_inputs
@@ -203,6 +210,11 @@ class StageEvaluator:
         self._base_sess = make_session(self.baseline_onnx, threads=constraints.threads)
         # Reference outputs for fidelity (no labels) and agreement: the fp32 ONNX model.
         self.reference = run_onnx(self._base_sess, holdout, batch_size=64)
+        # The metric, checked against outputs and labels before any candidate is built.
+        self.scorer = Scorer.resolve(
+            constraints.metric, self.reference, holdout.labels, label_max=_label_max(
+                train, val, holdout), source="the held-out data")
+        self._base_scores: np.ndarray | None = None  # per-sample, for paired intervals
         self.baseline: Metrics = self._metrics(self.baseline_onnx, self._base_sess, None)
         clock.progress(
             "baseline", 1.0,
@@ -218,24 +230,24 @@ class StageEvaluator:
         return {k: np.ascontiguousarray(v[idx]) for k, v in self.holdout.inputs.items()}
 
     def _metrics(self, onnx_path: Path, sess: Any, latency: tuple[float, float] | None) -> Metrics:
-        from app.engine.stages.evaluate import (
-            count_macs,
-            count_params,
-            latency_ms,
-            quality,
-            run_onnx,
-        )
+        from app.engine.stages.evaluate import count_macs, count_params, latency_ms, run_onnx
+        from app.engine.stages.quality import drop_interval
 
         if latency is None:  # the baseline: alone, once, more rounds
             latency = latency_ms([sess], self._feed(), rounds=9)[0]
         outputs = run_onnx(sess, self.holdout, batch_size=64)
-        q, kind, per_class, agreement = quality(outputs, self.reference, self.holdout.labels)
+        s = self.scorer.score(outputs)
+        ci = None
+        if self._base_scores is None:  # the baseline's own scores
+            self._base_scores = s.per_sample
+        else:
+            ci = drop_interval(self.scorer.kind, self._base_scores, s.per_sample)
         shapes = {k: (1, *v.shape[1:]) for k, v in self.holdout.inputs.items()}
         return Metrics(
-            quality=float(q), quality_kind=kind, latency_p50_ms=float(latency[0]),
+            quality=s.quality, quality_kind=self.scorer.kind, latency_p50_ms=float(latency[0]),
             latency_p95_ms=float(latency[1]), size_bytes=onnx_path.stat().st_size,
             parameters=int(count_params(onnx_path)), macs=int(count_macs(onnx_path, shapes)),
-            per_class_accuracy=per_class, agreement=agreement,
+            per_class_accuracy=s.per_class, agreement=s.agreement, quality_drop_ci95=ci,
         )
 
     def measure(self, built: Sequence[Built]) -> list[Metrics]:
@@ -347,7 +359,8 @@ class StageEvaluator:
                 continue
             cfg = DistillConfig(epochs=n_ep, temperature=recipe.temperature, alpha=recipe.alpha,
                                 lr=lr, time_budget_s=left * share, seed=recipe.seed,
-                                mixup=recipe.mixup, patience=DISTILL_PATIENCE)
+                                mixup=recipe.mixup, patience=DISTILL_PATIENCE,
+                                task=self.scorer.task)
             rep = distill(student.to(self.device), teacher, self.train, self.val, cfg,
                           device=self.device, on_progress=self.clock.progress)
             student = rep.student
@@ -403,6 +416,7 @@ def _run(
     from app.engine.formats.pt2 import check_pt2_archive, load_pt2
     from app.engine.graph import modularize
     from app.engine.stages.export import export_pt2, library_versions, onnx_parity
+    from app.engine.stages.quality import holdout_warnings
 
     c = spec.constraints
     _seed_all(spec.seed)
@@ -465,6 +479,10 @@ def _run(
         message = ("no candidate meets the constraints; closest: "
                    f"prune {best.recipe.prune_ratio:.0%}, {best.recipe.quant}: "
                    + "; ".join(best.reasons))
+    # Plain lines for the user; other checks append theirs.
+    warnings = holdout_warnings(ev.scorer.kind, ev.baseline.quality,
+                                best.metrics.quality_drop_ci95, holdout.samples,
+                                c.max_accuracy_drop)
     inputs_manifest = {"model": _file_entry(model_path), "data": _file_entry(data_path)}
     if eval_data_path is not None:
         inputs_manifest["eval_data"] = _file_entry(Path(eval_data_path))
@@ -482,6 +500,7 @@ def _run(
         "candidates": [x.to_dict() for x in outcome.candidates],
         "pareto_front": outcome.front,
         "skipped": outcome.skipped,
+        "warnings": warnings,
         "ratios": {
             "size": ev.baseline.size_bytes / max(best.metrics.size_bytes, 1),
             "speedup": ev.baseline.latency_p50_ms / max(best.metrics.latency_p50_ms, 1e-9),
@@ -509,4 +528,5 @@ def _run(
                    "candidates.json": cand_out},
         report=report,
         message=message,
+        warnings=warnings,
     )

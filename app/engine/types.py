@@ -20,6 +20,9 @@ QuantScheme = Literal["none", "int8_static", "int8_dynamic", "fp16"]
 Importance = Literal["l2", "taylor"]
 PruneMode = Literal["structured", "unstructured"]
 Device = Literal["cpu", "cuda", "auto"]
+# How quality is judged (stages/quality.py): "auto" picks one of QualityKind from the outputs.
+QualityKind = Literal["accuracy", "agreement", "cosine", "mse"]
+QualityMetric = Literal["auto", "accuracy", "agreement", "cosine", "mse"]
 
 STAGES = ("load", "baseline", "prune", "quantize", "distill", "export", "evaluate")
 
@@ -88,6 +91,7 @@ class Constraints:
     threads: int = 2
     objective: Objective = "smallest"
     time_budget_s: float = 600.0  # whole run, seconds
+    metric: QualityMetric = "auto"  # what max_accuracy_drop is measured in (stages/quality.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,7 +158,7 @@ class Metrics:
     """Measured figures of one model on the target runtime (ONNX Runtime)."""
 
     quality: float  # accuracy with labels, else fidelity to the original
-    quality_kind: Literal["accuracy", "agreement", "cosine"]
+    quality_kind: QualityKind
     latency_p50_ms: float
     latency_p95_ms: float
     size_bytes: int
@@ -162,6 +166,9 @@ class Metrics:
     macs: int
     per_class_accuracy: dict[str, float] | None = None
     agreement: float | None = None  # top-1 agreement with the teacher, classifiers only
+    # 95 % interval of the drop (baseline - quality) on the same held-out samples (paired);
+    # None for the baseline itself. Method per metric: stages/quality.py.
+    quality_drop_ci95: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -203,3 +210,5 @@ class Result:
     artifacts: dict[str, Path]  # name ("model.onnx", "model.pt2", "report.json", ...) -> file
     report: dict[str, Any]
     message: str = ""
+    # Plain lines for the user (CLI, job result): e.g. a hold-out too small to judge the limit.
+    warnings: list[str] = field(default_factory=list)

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+QualityMetricName = Literal["auto", "accuracy", "agreement", "cosine", "mse"]
 
 
 class ConstraintsIn(BaseModel):
@@ -20,6 +21,10 @@ class ConstraintsIn(BaseModel):
     threads: int = Field(2, ge=1, le=256)
     objective: Literal["smallest", "fastest"] = "smallest"
     time_budget_s: float = Field(600.0, gt=0, le=7 * 24 * 3600)
+    metric: QualityMetricName = Field(
+        "auto", description="what max_accuracy_drop is measured in: auto = accuracy with "
+        "labels (agreement without) for logits, cosine for embeddings, mse for one value per "
+        "sample")
 
     def states_a_limit(self) -> bool:
         return any(v is not None for v in

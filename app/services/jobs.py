@@ -17,7 +17,7 @@ from app.db.repositories import models as model_repo
 from app.db.session import run_read
 from app.engine.errors import InputMismatch
 from app.errors import Conflict, NotFound, Unauthorized
-from app.schemas.jobs import JobCreate, JobError, JobOut
+from app.schemas.jobs import JobCreate, JobError, JobOut, QualityMetricName
 from app.services import quotas
 from app.services.auth import Principal
 
@@ -44,6 +44,21 @@ def _check_inputs(model: Model, dataset: Dataset, which: str) -> None:
                 f"found {got['dtype']}{got['shape']}", details={"input": name})
 
 
+def _check_metric(model: Model, dataset: Dataset, ev: Dataset | None,
+                  metric: QualityMetricName) -> None:
+    """The metric checks that need no run: labels present / in range of the output width.
+    The hold-out is the eval dataset when given, else a split of the dataset."""
+    from app.engine.stages.quality import check_declared
+
+    outputs = model.outputs or []
+    shape = outputs[0]["shape"] if outputs else None
+    tops = [d.num_classes - 1 for d in (dataset, ev) if d is not None and d.num_classes]
+    holdout = ev if ev is not None else dataset
+    check_declared(metric, shape, has_labels=holdout.has_labels,
+                   label_max=max(tops) if tops else None,
+                   source="the eval dataset" if ev is not None else "the dataset")
+
+
 def create_job(session: Session, settings: Settings, tenant_id: str, body: JobCreate) -> Job:
     model = model_repo.get(session, tenant_id, body.model_id)
     if model is None:
@@ -52,11 +67,13 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: JobCr
     if dataset is None:
         raise NotFound(f"dataset {body.dataset_id} not found")
     _check_inputs(model, dataset, "dataset")
+    ev = None
     if body.eval_dataset_id is not None:
         ev = dataset_repo.get(session, tenant_id, body.eval_dataset_id)
         if ev is None:
             raise NotFound(f"dataset {body.eval_dataset_id} not found")
         _check_inputs(model, ev, "eval dataset")
+    _check_metric(model, dataset, ev, body.constraints.metric)
     queue = QUEUE_FOR_DEVICE.get(body.device, settings.auto_queue)
     quotas.reserve_job_slot(session, settings, tenant_id)  # last: the lock lasts to the commit
     return repo.add(session, Job(

@@ -186,7 +186,8 @@ def _load_inputs(s: Session, job_id: str, attempt: int) -> _Inputs:
 def _candidate_summary(c: Any) -> dict[str, Any]:
     m = c.metrics
     return {"recipe": c.recipe.to_dict(), "feasible": c.feasible, "distilled": c.distilled,
-            "quality": m.quality, "latency_p50_ms": m.latency_p50_ms,
+            "quality": m.quality, "quality_drop_ci95": m.quality_drop_ci95,
+            "latency_p50_ms": m.latency_p50_ms,
             "size_bytes": m.size_bytes, "reasons": list(c.reasons)}
 
 
@@ -278,6 +279,7 @@ def _commit_outcome(sessions: sessionmaker[Session], inp: _Inputs, result: Resul
                  "feasible": result.best.feasible, "reasons": list(result.best.reasons)},
         "candidates": [_candidate_summary(c) for c in result.candidates],
         "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
+        "warnings": list(result.warnings),
     })
     ok = result.status == "succeeded"
     with sessions() as s:

@@ -81,14 +81,17 @@ def test_float64_is_cast_to_float32(tmp_path: Path) -> None:
      r"input 'x': found 0 NaN and 1 Inf values \(first in sample 5\)"),
     (lambda d: d.update(x=d["x"][:5], labels=d["labels"][:5]), InputMismatch,
      r"input 'x': expected at least 8 samples, found 5"),
-    (lambda d: d.update(labels=d["labels"][:19]), InputMismatch,
+    # Bad labels are bad data (README: invalid_data), not a mismatch with the model's inputs.
+    (lambda d: d.update(labels=d["labels"][:19]), InvalidData,
      r"input 'labels': expected 20 labels.*found 19"),
-    (lambda d: d.update(labels=d["labels"].astype(np.float32)), InputMismatch,
+    (lambda d: d.update(labels=d["labels"].astype(np.float32)), InvalidData,
      r"input 'labels': expected integer class ids, found dtype float32"),
-    (lambda d: d.update(labels=d["labels"].reshape(20, 1)), InputMismatch,
+    (lambda d: d.update(labels=np.where(np.arange(20) == 4, np.nan, d["labels"])), InvalidData,
+     r"input 'labels': expected integer class ids, found dtype float64 with 1 NaN"),
+    (lambda d: d.update(labels=d["labels"].reshape(20, 1)), InvalidData,
      r"input 'labels': expected a 1-D array.*found shape \(20, 1\)"),
-    (lambda d: d["labels"].__setitem__(0, -1), InputMismatch,
-     r"input 'labels': class ids must be >= 0"),
+    (lambda d: d["labels"].__setitem__(7, -1), InvalidData,
+     r"input 'labels': class ids must be >= 0, found -1 \(first in sample 7\)"),
 ])
 def test_bad_data_names_the_input(tmp_path: Path, mutate: object, error: type[Exception],
                                   pattern: str) -> None:

@@ -139,6 +139,11 @@ def test_compress_download_and_run(stack: Stack, uploaded: tuple[str, str],
     best = job["metrics"]["best"]
     assert best["recipe"]["quant"] == "int8_static" and best["size_bytes"] > 0
     assert job["metrics"]["baseline"]["quality_kind"] == "accuracy"
+    # 20 % of 600 samples held out: the job result warns and recommends an eval dataset.
+    lo, hi = best["quality_drop_ci95"]
+    assert lo <= job["metrics"]["baseline"]["quality"] - best["quality"] <= hi
+    assert [w for w in job["metrics"]["warnings"] if "only 120 samples" in w
+            and "eval_dataset_id" in w], job["metrics"]["warnings"]
     stage_s = job["metrics"]["stage_seconds"]
     assert {"load", "baseline"} <= set(stage_s) and sum(stage_s.values()) <= elapsed + 1, stage_s
 

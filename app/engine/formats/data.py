@@ -12,7 +12,8 @@ Dtype policy (documented contract):
 - bool inputs accept bool only.
 - labels: a 1-D integer array (any int/uint dtype, values >= 0), one per sample; stored int64.
 Errors name the input and give expected vs found. ``InvalidData`` = the file itself is
-unreadable/unsafe; ``InputMismatch`` = readable, but does not fit the model.
+unreadable/unsafe, or its labels are bad; ``InputMismatch`` = readable, but does not fit the
+model's inputs.
 """
 
 from __future__ import annotations
@@ -273,18 +274,23 @@ def _check_finite(name: str, arr: np.ndarray) -> None:
 
 
 def _check_labels(labels: np.ndarray, samples: int) -> np.ndarray:
+    """Class ids: 1-D, integer, one per sample, >= 0. Bad labels are bad data (InvalidData),
+    not a model mismatch; their range against the model's output width is checked where the
+    outputs are known (stages.quality.resolve_metric)."""
     if labels.ndim != 1:
-        raise InputMismatch(f"input 'labels': expected a 1-D array of class ids (N,), found "
-                            f"shape {tuple(labels.shape)}", details={"input": LABELS})
+        raise InvalidData(f"input 'labels': expected a 1-D array of class ids (N,), found "
+                          f"shape {tuple(labels.shape)}", details={"input": LABELS})
     if labels.dtype.kind not in "iu":
-        raise InputMismatch(f"input 'labels': expected integer class ids, found dtype "
-                            f"{labels.dtype}", details={"input": LABELS})
+        nan = f" with {int(np.isnan(labels).sum())} NaN" if labels.dtype.kind == "f" else ""
+        raise InvalidData(f"input 'labels': expected integer class ids, found dtype "
+                          f"{labels.dtype}{nan}", details={"input": LABELS})
     if len(labels) != samples:
-        raise InputMismatch(f"input 'labels': expected {samples} labels (one per sample), "
-                            f"found {len(labels)}", details={"input": LABELS})
+        raise InvalidData(f"input 'labels': expected {samples} labels (one per sample), "
+                          f"found {len(labels)}", details={"input": LABELS})
     if len(labels) and int(labels.min()) < 0:
-        raise InputMismatch(f"input 'labels': class ids must be >= 0, found {int(labels.min())}",
-                            details={"input": LABELS})
+        first = int(np.flatnonzero(labels < 0)[0])
+        raise InvalidData(f"input 'labels': class ids must be >= 0, found {int(labels.min())} "
+                          f"(first in sample {first})", details={"input": LABELS})
     return labels.astype(np.int64, copy=False)
 
 
@@ -335,8 +341,9 @@ def load_dataset(
 ) -> Dataset:
     """Read a .npz / .safetensors file and validate it against ``model_inputs``.
 
-    Raises InvalidData (unreadable, pickled arrays, bomb) or InputMismatch (missing/extra key,
-    dtype, non-batch shape, NaN/Inf, fewer than ``min_samples``, bad labels) naming the input.
+    Raises InvalidData (unreadable, pickled arrays, bomb, bad labels) or InputMismatch
+    (missing/extra key, dtype, non-batch shape, NaN/Inf, fewer than ``min_samples``) naming the
+    input.
     """
     path = Path(path)
     return validate_arrays(read_arrays(path), model_inputs, min_samples=min_samples,

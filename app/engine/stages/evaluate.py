@@ -18,7 +18,6 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
@@ -27,9 +26,8 @@ from onnx import TensorProto
 
 from app.engine.formats.data import Dataset
 from app.engine.formats.onnx_safe import external_data_files
-from app.engine.types import Metrics
+from app.engine.types import Metrics, QualityKind, QualityMetric
 
-QualityKind = Literal["accuracy", "agreement", "cosine"]
 Feed = Sequence[np.ndarray] | Mapping[str, np.ndarray]
 
 # ---------------------------------------------------------------------------- sessions / runs
@@ -134,52 +132,29 @@ def latency_ms(
 # ---------------------------------------------------------------------------- quality
 
 
-def is_classifier(outputs: np.ndarray) -> bool:
-    """2-D (N, C>1) outputs are logits of a classifier; anything else is an embedding."""
-    return outputs.ndim == 2 and outputs.shape[1] > 1
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over samples of the cosine similarity of the flattened outputs."""
-    x = a.reshape(len(a), -1).astype(np.float64)
-    y = b.reshape(len(b), -1).astype(np.float64)
-    num = (x * y).sum(axis=1)
-    den = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    sims = np.where(den > 0, num / np.maximum(den, 1e-300), np.where(
-        (np.abs(x).sum(axis=1) == 0) & (np.abs(y).sum(axis=1) == 0), 1.0, 0.0))
-    return float(sims.mean())
-
-
 def quality(
     outputs: np.ndarray, reference: np.ndarray | None, labels: np.ndarray | None,
+    metric: QualityMetric = "auto",
 ) -> tuple[float, QualityKind, dict[str, float] | None, float | None]:
     """(quality, kind, per-class accuracy, top-1 agreement with reference).
 
-    Classifier + labels -> accuracy (and per-class accuracy keyed by class id as str);
-    classifier without labels -> top-1 agreement with ``reference``; embeddings -> mean cosine
-    similarity to ``reference``. ``agreement`` is set for classifiers whenever a reference is.
+    ``metric`` as ``Constraints.metric``; ``auto`` is resolved from ``reference`` (the fp32
+    outputs) by ``stages.quality.resolve_metric``: accuracy for logits with labels, agreement
+    for logits without, cosine for embeddings (unit-norm rows, other ranks), mse for one value
+    per sample. Without a reference, ``outputs`` are their own reference (accuracy only).
     """
-    if reference is not None and len(reference) != len(outputs):
-        raise ValueError(f"reference has {len(reference)} rows, outputs {len(outputs)}")
-    if is_classifier(outputs):
-        pred = outputs.argmax(axis=1)
-        agreement = None
-        if reference is not None:
-            agreement = float((pred == reference.reshape(len(reference), -1).argmax(axis=1))
-                              .mean())
-        if labels is not None:
-            if len(labels) != len(outputs):
-                raise ValueError(f"labels have {len(labels)} rows, outputs {len(outputs)}")
-            correct = pred == labels
-            per_class = {str(int(c)): float(correct[labels == c].mean())
-                         for c in np.unique(labels)}
-            return float(correct.mean()), "accuracy", per_class, agreement
-        if agreement is None:
-            raise ValueError("a classifier without labels needs reference outputs")
-        return agreement, "agreement", None, agreement
-    if reference is None:
-        raise ValueError("embedding outputs need reference outputs (cosine similarity)")
-    return cosine(outputs, reference), "cosine", None, None
+    from app.engine.stages.quality import Scorer
+
+    ref = outputs if reference is None else reference
+    if len(ref) != len(outputs):
+        raise ValueError(f"reference has {len(ref)} rows, outputs {len(outputs)}")
+    if labels is not None and len(labels) != len(outputs):
+        raise ValueError(f"labels have {len(labels)} rows, outputs {len(outputs)}")
+    scorer = Scorer.resolve(metric, ref, labels)
+    if reference is None and scorer.kind != "accuracy":
+        raise ValueError(f"metric {scorer.kind!r} needs reference outputs")
+    s = scorer.score(outputs)
+    return s.quality, scorer.kind, s.per_class, None if reference is None else s.agreement
 
 
 # ---------------------------------------------------------------------------- cost
@@ -354,7 +329,7 @@ def _latency_feed(data: Dataset, names: Sequence[str], batch_size: int) -> dict[
 def evaluate_onnx(
     onnx_path: Path, data: Dataset, reference_outputs: np.ndarray | None, *,
     batch_size: int = 1, threads: int = 2, infer_batch_size: int = 64,
-    latency: tuple[float, float] | None = None,
+    latency: tuple[float, float] | None = None, metric: QualityMetric = "auto",
 ) -> Metrics:
     """Full Metrics of one ONNX model on ``data``.
 
@@ -366,7 +341,7 @@ def evaluate_onnx(
     onnx_path = Path(onnx_path)
     sess = make_session(onnx_path, threads=threads)
     outputs = run_onnx(sess, data, batch_size=infer_batch_size)
-    q, kind, per_class, agreement = quality(outputs, reference_outputs, data.labels)
+    q, kind, per_class, agreement = quality(outputs, reference_outputs, data.labels, metric)
     names = [i.name for i in sess.get_inputs()]
     fixed = _static_batch(sess)
     lat_batch = fixed or batch_size
@@ -383,11 +358,9 @@ def evaluate_onnx(
 
 
 __all__ = [
-    "cosine",
     "count_macs",
     "count_params",
     "evaluate_onnx",
-    "is_classifier",
     "latency_ms",
     "make_session",
     "quality",
