@@ -88,10 +88,12 @@ def fallback_for(name: str, exclude: set[str]) -> str | None:
     """First scheme along ``name``'s fallback chain that is not in ``exclude``."""
     seen = {name}
     nxt = get(name).fallback
-    while nxt is not None and (nxt in exclude or nxt in seen):
+    while nxt is not None and nxt in exclude:
+        if nxt in seen:  # the chain loops back (int8_dynamic <-> int8_static_onnx)
+            return None
         seen.add(nxt)
         nxt = get(nxt).fallback
-    return nxt
+    return None if nxt in seen else nxt
 
 
 def _onnx_feeds(src: Path, calib: Batches) -> list[dict[str, np.ndarray]]:

@@ -85,9 +85,8 @@ def test_depthwise_fp32_scheme_keeps_depthwise_convs_fp32(x: torch.Tensor,
                    and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT)
         return len(dw), fp32
 
-    _, all_int8 = schemes.get("int8_static").to_onnx(model, ex, tmp_path / "a.onnx", calib)
+    # (all-int8 quantizes them: test_quantize.test_skip_depthwise_keeps_depthwise_fp32)
     _, keep = schemes.get("int8_static_dw_fp32").to_onnx(model, ex, tmp_path / "k.onnx", calib)
-    assert depthwise(all_int8) == (3, 0)
     assert depthwise(keep) == (3, 3)
     # ... and the planner measures it as its own candidate on depthwise nets
     assert "int8_static_dw_fp32" in default_space(linear_heavy=False,
@@ -172,3 +171,27 @@ def test_padding_same_cnn_comes_out_int8(x: torch.Tensor, tmp_path: Path) -> Non
     assert len(convs) == 3 and all(c.input[1] in dq_out for c in convs)
     assert res.baseline.size_bytes / res.best.metrics.size_bytes >= 2.0
     assert res.best.metrics.quality >= 0.98  # agreement with fp32 on held-out data
+
+
+def test_fallback_replaces_the_failed_scheme_at_every_ratio() -> None:
+    from app.engine.planner.search import _fall_back
+
+    grid = SearchSpace(prune_ratios=(0.0, 0.5), quant_schemes=("int8_static", "int8_dynamic",
+                                                               "none")).grid(0)
+    assert [(r.prune_ratio, r.quant) for r in grid] == [
+        (0.0, "int8_static"), (0.0, "int8_dynamic"), (0.5, "int8_static"),
+        (0.5, "int8_dynamic"), (0.5, "none")]
+    skipped: list[dict[str, str]] = []
+    new, line = _fall_back(grid, 0, "int8_static", {"int8_static"}, skipped)
+    assert line == "trying int8_static_onnx instead"
+    assert [(r.prune_ratio, r.quant) for r in new] == [
+        (0.0, "int8_static_onnx"), (0.0, "int8_dynamic"), (0.5, "int8_static_onnx"),
+        (0.5, "int8_dynamic"), (0.5, "none")]
+    # the ONNX-level fallback fails too: int8_dynamic is already in the grid, nothing is left
+    new2, line2 = _fall_back(new, 0, "int8_static_onnx", {"int8_static", "int8_static_onnx"},
+                             skipped)
+    assert line2 == "trying int8_dynamic instead"
+    assert [(r.prune_ratio, r.quant) for r in new2] == [
+        (0.0, "int8_dynamic"), (0.5, "int8_dynamic"), (0.5, "none")]
+    assert [s["error"] for s in skipped] == ["not built: int8_static_onnx failed on this model"]
+    assert schemes.fallback_for("int8_dynamic", {"int8_static_onnx"}) is None

@@ -7,6 +7,9 @@ candidate are known after prune + quantize + export, before any training, so:
    quantized with calibration and exported to ONNX; all of them are measured in ONE interleaved
    latency run together with the baseline (so every ratio is side by side), and their quality
    is evaluated on held-out data as they are (no recovery).
+   A quantization scheme that fails to build on the model is reported (``Outcome.warnings``)
+   and replaced, at every prune ratio still to build, by its registered fallback
+   (``schemes.fallback_for``: int8_static -> int8_static_onnx -> int8_dynamic).
 2. Candidates that fail a size / latency limit or the never-larger / never-slower rule are out
    for good: training does not change structure.
 3. *Expensive phase*: the cost-feasible candidates are sorted in objective order (best first).
@@ -231,7 +234,7 @@ def search(
                 grid, line = _fall_back(grid, k, recipe.quant, failed, skipped)
                 warnings.append(f"quantization {recipe.quant} failed on this model "
                                 f"({_short(error)}); {line}")
-                progress("quantize", k / len(grid), warnings[-1])
+                progress("quantize", k / max(len(grid), 1), warnings[-1])
                 continue  # grid[k] is now the fallback (or the next candidate)
         progress("quantize", (k + 1) / len(grid), f"built {k + 1}/{len(grid)} candidates")
         k += 1
