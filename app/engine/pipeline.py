@@ -49,11 +49,6 @@ VAL_FRACTION = 0.15  # of the training part, for distillation's early stopping
 CALIB_SAMPLES = 256  # calibration samples for static int8
 CALIB_BATCH = 32
 EXPORT_RESERVE_S = 10.0  # seconds of the budget kept for the final export and report
-# DESIGN §6 saw int8 depthwise convs run slower than fp32 in ONNX Runtime; on the digits
-# DWCNN here (ORT 1.31, 28x28) all-int8 ran 1.7x faster than fp32 while int8 with depthwise
-# kept fp32 ran 1.46x (Q/DQ around every depthwise conv). Recipe has no per-layer field, so
-# this is one policy for every run; measured, all-int8 wins.
-SKIP_DEPTHWISE = False
 # Distillation runs in two phases (DistillConfig has a constant learning rate): most epochs at
 # recipe.lr to recover from pruning, the rest at recipe.lr * FINE_TUNE_LR to settle (batch
 # norm and fake-quant ranges oscillate at the high rate). Each phase keeps its best state.
@@ -203,7 +198,7 @@ class StageEvaluator:
         self.workdir = workdir
         self.device = device
         self.clock = clock
-        self.skip_depthwise = SKIP_DEPTHWISE and _has_depthwise(teacher)
+        self.warnings: list[str] = []  # for the user: what a scheme left in fp32, once each
         self._n = 0
         clock.progress("baseline", 0.0, "exporting the fp32 baseline to ONNX")
         self.baseline_onnx = export_onnx(teacher, example_inputs, workdir / "baseline.onnx")
@@ -282,27 +277,20 @@ class StageEvaluator:
 
     def _export(self, recipe: Recipe, fp32: nn.Module, tag: str,
                 converted: nn.Module | None = None) -> Built:
-        """ONNX of a candidate: ``converted`` (PT2E int8) as is, else fp32 + ONNX-level scheme."""
+        """ONNX of a candidate: ``converted`` (a QAT student after convert) as is, else
+        ``fp32`` through the recipe's scheme (``schemes.get(recipe.quant).to_onnx``)."""
+        from app.engine.schemes import get
         from app.engine.stages.export import export_onnx
-        from app.engine.stages.quantize import quantize_onnx_dynamic, quantize_onnx_fp16
 
+        scheme = get(recipe.quant)
         path = self._path(recipe, tag)
-        ex = self.example_inputs
         if converted is not None:
-            export_onnx(converted, ex, path)
+            export_onnx(converted, self.example_inputs, path)
             return Built(recipe, fp32, converted, path)
-        if recipe.quant == "none":
-            export_onnx(fp32, ex, path)
-        else:
-            fp32_path = path.with_name(path.stem + "_fp32.onnx")
-            export_onnx(fp32, ex, fp32_path)
-            if recipe.quant == "int8_dynamic":
-                quantize_onnx_dynamic(fp32_path, path)
-            elif recipe.quant == "fp16":
-                quantize_onnx_fp16(fp32_path, path)
-            else:
-                raise InvalidRecipe(f"unknown quantization scheme {recipe.quant!r}")
-        return Built(recipe, fp32, fp32, path)
+        calib = self._calib() if scheme.needs_calibration else []
+        model, path = scheme.to_onnx(fp32, self.example_inputs, path, calib)
+        self.warnings.extend(w for w in scheme.notes(path) if w not in self.warnings)
+        return Built(recipe, fp32, model, path)
 
     def _prune(self, recipe: Recipe) -> nn.Module:
         from app.engine.stages.prune import PruneConfig, prune
@@ -320,32 +308,31 @@ class StageEvaluator:
         return prune(self.teacher, self.example_inputs, cfg, grad_batches=grad_batches)
 
     def build(self, recipe: Recipe) -> Built:
-        from app.engine.stages.quantize import quantize_static
+        from app.engine.schemes import get
 
+        scheme = get(recipe.quant)
         if not 0.0 <= recipe.prune_ratio <= 0.95:
             raise InvalidRecipe(f"prune_ratio must be in [0, 0.95], got {recipe.prune_ratio}")
         _seed_all(recipe.seed)  # each candidate independent of the order it is built in
         pruned = self._prune(recipe)
         pruned.eval()
-        if recipe.quant == "int8_static":
+        if scheme.needs_calibration:
             # Reported at its start (the planner reports "quantize" only once it is built),
             # so the job's stage says what the worker is doing.
-            self.clock.progress("quantize", 0.0, "int8 static: calibrating")
-            q = quantize_static(pruned, self.example_inputs, self._calib(),
-                                skip_depthwise=self.skip_depthwise)
-            return self._export(recipe, pruned, "ptq", q)
+            self.clock.progress("quantize", 0.0, f"{scheme.name}: calibrating")
         return self._export(recipe, pruned, "ptq")
 
     def distill(self, built: Built, epochs: int, time_budget_s: float) -> Built:
+        from app.engine.schemes import get
         from app.engine.stages.distill import DistillConfig, distill
-        from app.engine.stages.quantize import convert, prepare_qat
+        from app.engine.stages.quantize import convert
 
         recipe = built.recipe
+        scheme = get(recipe.quant)
         _seed_all(recipe.seed)
         student: nn.Module
-        if recipe.quant == "int8_static":
-            student = prepare_qat(copy.deepcopy(built.pruned), self.example_inputs,
-                                  skip_depthwise=self.skip_depthwise)
+        if scheme.qat:
+            student = scheme.prepare_qat(copy.deepcopy(built.pruned), self.example_inputs)
         else:
             student = copy.deepcopy(built.pruned)
         teacher = copy.deepcopy(self.teacher).to(self.device).eval()
@@ -367,7 +354,7 @@ class StageEvaluator:
             epochs_run += int(rep.epochs_run)
         trained = student.to("cpu")
         new_recipe = replace(recipe, distill_epochs=epochs_run)
-        if recipe.quant == "int8_static":
+        if scheme.qat:
             assert isinstance(trained, torch.fx.GraphModule)
             return self._export(new_recipe, trained, "qat", convert(trained))
         trained.eval()
@@ -452,7 +439,8 @@ def _run(
         outcome = run_recipe(ev, recipe, c, deadline=search_deadline,
                              on_progress=clock.progress)
     else:
-        sp = space or default_space(linear_heavy=_linear_heavy(teacher))
+        sp = space or default_space(linear_heavy=_linear_heavy(teacher),
+                                    depthwise=_has_depthwise(teacher))
         outcome = search(ev, c, sp, seed=spec.seed, deadline=search_deadline,
                          on_progress=clock.progress)
     best: Candidate = outcome.best
@@ -472,6 +460,7 @@ def _run(
         {"candidates": [x.to_dict() for x in outcome.candidates], "pareto_front": outcome.front},
         indent=2))
 
+    warnings = [*outcome.warnings, *ev.warnings]
     if outcome.status == "succeeded":
         message = (f"chosen: prune {best.recipe.prune_ratio:.0%}, {best.recipe.quant}, "
                    f"{best.recipe.distill_epochs} distillation epochs")

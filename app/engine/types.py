@@ -16,7 +16,8 @@ from typing import Any, Literal
 ProgressFn = Callable[[str, float, str], None]
 
 Objective = Literal["smallest", "fastest"]
-QuantScheme = Literal["none", "int8_static", "int8_dynamic", "fp16"]
+# A name registered in ``app.engine.schemes`` (``schemes.NAMES``); ``schemes.get`` checks it.
+QuantScheme = str
 Importance = Literal["l2", "taylor"]
 PruneMode = Literal["structured", "unstructured"]
 Device = Literal["cpu", "cuda", "auto"]
@@ -210,5 +211,6 @@ class Result:
     artifacts: dict[str, Path]  # name ("model.onnx", "model.pt2", "report.json", ...) -> file
     report: dict[str, Any]
     message: str = ""
-    # Plain lines for the user (CLI, job result): e.g. a hold-out too small to judge the limit.
+    # Plain lines for the user, one each (CLI, job result, report.json "warnings"): e.g. a
+    # hold-out too small to judge the limit, a quantization scheme that failed on this model.
     warnings: list[str] = field(default_factory=list)

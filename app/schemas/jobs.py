@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.engine.schemes import NAMES as QUANT_NAMES
+
+# The engine's registered quantization schemes (one enum in the OpenAPI document).
+if TYPE_CHECKING:
+    QuantName = str
+else:
+    QuantName = Literal[QUANT_NAMES]
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 QualityMetricName = Literal["auto", "accuracy", "agreement", "cosine", "mse"]
@@ -40,7 +48,7 @@ class RecipeIn(BaseModel):
     prune_mode: Literal["structured", "unstructured"] = "structured"
     importance: Literal["l2", "taylor"] = "l2"
     round_to: int = Field(8, ge=1, le=1024)
-    quant: Literal["none", "int8_static", "int8_dynamic", "fp16"] = "int8_static"
+    quant: QuantName = "int8_static"
     distill_epochs: int = Field(0, ge=0, le=1000)
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1)

@@ -15,7 +15,6 @@ import torch
 from app.engine.stages.export import (
     export_onnx,
     export_pt2,
-    export_scheme,
     library_versions,
     onnx_outputs,
     onnx_parity,
@@ -132,26 +131,3 @@ def test_onnx_parity_detects_a_different_model(x: torch.Tensor, tmp_path: Path) 
     path = export_onnx(a, (x[:2],), tmp_path / "a.onnx")
     assert onnx_parity(a, path, (x[:16],)) < 1e-5
     assert onnx_parity(b, path, (x[:16],)) > 1e-2
-
-
-def test_export_scheme_each_quant_scheme(x: torch.Tensor, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = MLP(hidden=128).eval()
-    ex = (x[:4],)
-    calib = [(x[:64],), (x[64:128],)]
-    sizes = {}
-    outs = {}
-    for scheme in ("none", "int8_static", "int8_dynamic", "fp16"):
-        p = export_scheme(model, ex, tmp_path / f"{scheme}.onnx", scheme, calib=calib)
-        sizes[scheme] = p.stat().st_size
-        outs[scheme] = onnx_outputs(p, (x[:256],))[0]
-    assert sorted(f.name for f in tmp_path.iterdir()) == [
-        "fp16.onnx", "int8_dynamic.onnx", "int8_static.onnx", "none.onnx"]  # no temp left
-    assert sizes["none"] / sizes["int8_static"] >= 3.0
-    assert sizes["none"] / sizes["int8_dynamic"] >= 3.0
-    assert 1.8 <= sizes["none"] / sizes["fp16"] <= 2.1
-    ref = outs["none"]
-    for scheme in ("int8_static", "int8_dynamic", "fp16"):
-        assert np.abs(outs[scheme] - ref).max() < 0.05 * np.abs(ref).max() + 1e-3, scheme
-    with pytest.raises(ValueError, match="calibration"):
-        export_scheme(model, ex, tmp_path / "x.onnx", "int8_static")

@@ -12,7 +12,7 @@ import importlib.metadata
 import io
 import platform
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,15 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.engine.stages.quantize import (
-    batch_examples,
-    capture,
-    quantize_onnx_dynamic,
-    quantize_onnx_fp16,
-    quantize_static,
-    set_training,
-)
-from app.engine.types import QuantScheme
+from app.engine.stages.quantize import batch_examples, capture, set_training
 
 if TYPE_CHECKING:
     import onnx
@@ -115,50 +107,6 @@ def export_onnx(
     if side.exists():  # exporters that ignore external_data=False
         side.unlink()
     return path
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """True for a converted PT2E graph (it already holds quantize/dequantize ops)."""
-    return isinstance(model, torch.fx.GraphModule) and any(
-        str(n.target).startswith("quantized_decomposed.") for n in model.graph.nodes
-    )
-
-
-def export_scheme(
-    model: nn.Module,
-    example_inputs: Sequence[torch.Tensor],
-    path: Path,
-    scheme: QuantScheme,
-    *,
-    calib: Iterable[Sequence[torch.Tensor]] | None = None,
-    skip_depthwise: bool = False,
-) -> Path:
-    """One ONNX file for a ``types.QuantScheme``.
-
-    - ``none``: fp32.
-    - ``int8_static``: PT2E int8 (``calib`` batches required), or the model as is when it is
-      already converted (a QAT student after ``quantize.convert``).
-    - ``int8_dynamic``: fp32 export, then onnxruntime ``quantize_dynamic`` (per-channel).
-    - ``fp16``: fp32 export, then fp16 weight storage.
-    """
-    path = Path(path)
-    if scheme == "none" or (scheme == "int8_static" and is_quantized(model)):
-        return export_onnx(model, example_inputs, path)
-    if scheme == "int8_static":
-        if calib is None:
-            raise ValueError("int8_static needs calibration batches")
-        q = quantize_static(model, example_inputs, calib, skip_depthwise=skip_depthwise)
-        return export_onnx(q, example_inputs, path)
-    tmp = path.with_name(path.stem + ".fp32.tmp.onnx")
-    try:
-        export_onnx(model, example_inputs, tmp)
-        if scheme == "int8_dynamic":
-            return quantize_onnx_dynamic(tmp, path)
-        if scheme == "fp16":
-            return quantize_onnx_fp16(tmp, path)
-        raise ValueError(f"unknown quantization scheme {scheme!r}")
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def strip_metadata(proto: onnx.ModelProto) -> None:
