@@ -117,6 +117,7 @@ class WebhookDeliveryOut(BaseModel):
     last_error: str | None
     created_at: datetime
     delivered_at: datetime | None
+    payload: WebhookPayload = Field(description="the body that was (or will be) POSTed")
     attempt_log: list[WebhookAttemptOut]
 
 

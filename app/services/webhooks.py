@@ -44,6 +44,7 @@ from app.schemas.events import (
     WebhookAttemptOut,
     WebhookCreate,
     WebhookDeliveryOut,
+    WebhookPayload,
     WebhookUpdate,
 )
 
@@ -222,6 +223,7 @@ def _delivery_out(d: WebhookDelivery, attempts: list[WebhookAttempt]) -> Webhook
         attempts=d.attempts, next_attempt_at=d.next_attempt_at,
         last_status_code=d.last_status_code, last_error=d.last_error,
         created_at=d.created_at, delivered_at=d.delivered_at,
+        payload=WebhookPayload.model_validate_json(d.body),
         attempt_log=[WebhookAttemptOut.model_validate(a) for a in attempts])
 
 

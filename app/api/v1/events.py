@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, get_args
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+import app.api.v1.jobs  # noqa: F401  (registers the job_id path convertor)
 from app.api.deps import SessionDep, SettingsDep, TenantDep, get_read_engine_for
 from app.api.responses import AUTHED, READ, Responses, problems
 from app.errors import ValidationFailed
-from app.schemas.events import JobEventData, WebhookDeliveryList
+from app.schemas.events import EventType, WebhookDeliveryList
 from app.services import events, webhooks
 from app.services import jobs as job_service
 
@@ -27,8 +28,15 @@ STREAM_DOC = (
     "(`stage`, `progress`, `candidate`, `outcome`), `data: <JSON>` (the schema below). "
     "The stream ends after the `outcome` event; `: keep-alive` comments come every 15 s "
     "while nothing happens.")
-STREAM: Responses = {200: {"model": JobEventData, "description": STREAM_DOC},
-                     **problems(*AUTHED, 404)}
+# The body is text; each event's shape is OpenAPI 3.2's itemSchema (what FastAPI's own SSE
+# support emits), its data the JobEventData component (also under WebhookPayload).
+_ITEM = {"type": "object", "required": ["id", "event", "data"], "properties": {
+    "id": {"type": "string", "description": "the event id, an integer"},
+    "event": {"type": "string", "enum": list(get_args(EventType))},
+    "data": {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"$ref": "#/components/schemas/JobEventData"}}}}
+STREAM: Responses = {200: {"description": STREAM_DOC, "content": {"text/event-stream": {
+    "schema": {"type": "string"}, "itemSchema": _ITEM}}}, **problems(*AUTHED, 404)}
 LastEventId = Annotated[str | None, Header(
     alias="Last-Event-ID",
     description="resume after this event id (sent by SSE clients on reconnect)")]
