@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # How often an open GET /v1/jobs/{id}/events re-reads job_events (one indexed query per
     # stream per interval; any API process serves any job).
     events_poll_interval_s: float = 0.5
+    # An open stream with nothing to send ends after this long (the client resumes with
+    # Last-Event-ID): a job that never starts must not pin a connection forever.
+    events_stream_max_s: float = 3600.0
     # Progress events are coalesced: one needs this much more progress (0.01 = 1 point) or
     # this many seconds since the previous one (and a change); stage changes always emit.
     event_progress_step: float = 0.01

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -82,10 +83,12 @@ def sse(seq: int, type_: str, data: dict[str, Any]) -> bytes:
 
 
 async def stream(engine: Engine, job_id: str, after: int, poll_s: float,
-                 ) -> AsyncIterator[bytes]:
+                 max_s: float = math.inf) -> AsyncIterator[bytes]:
     """The job's events after id ``after``, then new ones as they are committed; ends after
-    the outcome (or at once when the job has ended and nothing is left to send)."""
+    the outcome (or at once when the job has ended and nothing is left to send), or at an
+    idle moment after ``max_s`` seconds."""
     idle = 0.0
+    deadline = time.monotonic() + max_s
 
     def read(conn: Any) -> list[tuple[int, str, dict[str, Any]]]:
         return repo.after(conn, job_id, after, BATCH)
@@ -107,6 +110,8 @@ async def stream(engine: Engine, job_id: str, after: int, poll_s: float,
                 # (a job that ended before events existed has none and ends here).
                 for seq, type_, data in await to_thread.run_sync(run_read, engine, read):
                     yield sse(seq, type_, data)
+                return
+            if time.monotonic() >= deadline:
                 return
             idle += poll_s
             if idle >= KEEPALIVE_S:

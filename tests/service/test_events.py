@@ -57,7 +57,7 @@ class Stack:
     database_url: str
 
     def client(self, i: int = 0, key: str | None = None) -> httpx.Client:
-        return httpx.Client(base_url=self.apis[i].url, timeout=30,
+        return httpx.Client(base_url=self.apis[i].url, timeout=120,
                             headers={"Authorization": f"Bearer {key or self.key}"})
 
 
