@@ -194,3 +194,34 @@ def test_metadata_and_private_ranges_are_not_global() -> None:
                "0.0.0.0", "100.64.0.1", "224.0.0.1"):
         assert not webhooks._allowed(ipaddress.ip_address(ip), False), ip
     assert webhooks._allowed(ipaddress.ip_address("93.184.216.34"), False)
+
+
+def test_stream_on_the_embedded_default(tmp_path: Path) -> None:
+    """The same route on SQLite (the embedded default): replay, resume, end at the outcome."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    url = f"sqlite:///{tmp_path}/embedded.db"
+    upgrade(url)
+    settings = Settings(database_url=url, broker_url=f"sqla+sqlite:///{tmp_path}/broker.db",
+                        storage_dir=tmp_path / "artifacts", dev_key_bootstrap=False,
+                        events_poll_interval_s=0.05)
+    job_id = _job(settings, "embedded")
+    key = new_key(settings, "embedded")  # the same tenant: create_key reuses it by name
+    with session_factory(settings)() as s:
+        for kind, stage, status in [("stage", "load", "running"),
+                                    ("progress", "load", "running"),
+                                    ("outcome", "done", "succeeded")]:
+            s.execute(update(Job).where(Job.id == job_id).values(status=status, stage=stage))
+            events.record_job(s, job_id, kind)
+        s.commit()
+    with TestClient(create_app(settings)) as c:
+        auth = {"Authorization": f"Bearer {key}"}
+        r = c.get(f"/v1/jobs/{job_id}/events", headers=auth)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        blocks = r.text.split("\n\n")
+        assert blocks[0].split("\n")[:2] == ["id: 1", "event: stage"], r.text
+        assert [b.split("\n")[0] for b in blocks if b] == ["id: 1", "id: 2", "id: 3"]
+        r = c.get(f"/v1/jobs/{job_id}/events", headers={**auth, "Last-Event-ID": "2"})
+        assert r.text.startswith("id: 3\nevent: outcome\ndata: {") and r.text.endswith("}\n\n")
