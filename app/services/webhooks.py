@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -326,13 +327,17 @@ def dispatch_once(sessions: sessionmaker[Session], settings: Settings) -> int:
                 continue
             res = post(client, settings, hook.url, hook.secret, d.id, d.body)
             now = utcnow()
-            with sessions() as s:
-                repo.record_attempt(
-                    s, d, WebhookAttempt(delivery_id=d.id, number=d.attempts + 1, at=now,
-                                         status_code=res.status_code, error=res.error,
-                                         duration_ms=round(res.duration_ms, 1)),
-                    **_outcome_fields(settings, d, res, now))
-                s.commit()
+            try:
+                with sessions() as s:
+                    repo.record_attempt(
+                        s, d, WebhookAttempt(delivery_id=d.id, number=d.attempts + 1, at=now,
+                                             status_code=res.status_code, error=res.error,
+                                             duration_ms=round(res.duration_ms, 1)),
+                        **_outcome_fields(settings, d, res, now))
+                    s.commit()
+            except IntegrityError:  # the webhook was deleted meanwhile: its log went with it
+                log.info("webhook %s deleted while delivery %s was sent", hook.id, d.id)
+                continue
             made += 1
             if not res.ok:
                 log.info("webhook %s delivery %s attempt %d: %s", hook.id, d.id,

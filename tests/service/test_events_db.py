@@ -225,3 +225,56 @@ def test_stream_on_the_embedded_default(tmp_path: Path) -> None:
         assert [b.split("\n")[0] for b in blocks if b] == ["id: 1", "id: 2", "id: 3"]
         r = c.get(f"/v1/jobs/{job_id}/events", headers={**auth, "Last-Event-ID": "2"})
         assert r.text.startswith("id: 3\nevent: outcome\ndata: {") and r.text.endswith("}\n\n")
+
+
+def test_dispatch_survives_a_webhook_deleted_mid_send(db: Settings) -> None:
+    """The receiver's answer arrives after the endpoint (and its log) was deleted: the pass
+    goes on to the next delivery instead of failing on the missing row."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from app.db.models import Webhook, WebhookDelivery
+    from app.schemas.events import WebhookCreate
+
+    job_id = _job(db, f"del-{db.is_sqlite}")
+    sessions = session_factory(db)
+    with sessions() as s:
+        tenant = s.get_one(Job, job_id).tenant_id
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    port = server.server_address[1]
+    with sessions() as s:
+        doomed = webhooks.create(s, tenant, WebhookCreate(url=f"http://127.0.0.1:{port}/d",
+                                                          description=None, secret=None))
+        kept = webhooks.create(s, tenant, WebhookCreate(url=f"http://127.0.0.1:{port}/k",
+                                                        description=None, secret=None))
+        s.execute(update(Job).where(Job.id == job_id).values(status="succeeded"))
+        events.record_job(s, job_id, "outcome")
+        s.commit()
+        doomed_id, kept_id = doomed.id, kept.id
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            if self.path == "/d":
+                with sessions() as s2:
+                    s2.delete(s2.get_one(Webhook, doomed_id))
+                    s2.commit()
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server.RequestHandlerClass = Handler
+    t = threading.Thread(target=server.serve_forever)
+    t.start()
+    try:
+        made = webhooks.dispatch_once(
+            sessions, Settings(database_url=db.database_url, webhook_allow_private=True))
+    finally:
+        server.shutdown()
+        t.join()
+    assert made == 1  # the kept one; the deleted one's attempt had nowhere to go
+    with sessions() as s:
+        rows = s.query(WebhookDelivery).all()
+        assert [(d.webhook_id, d.status, d.attempts) for d in rows] == [(kept_id, "delivered",
+                                                                         1)]
