@@ -75,6 +75,31 @@ class Settings(BaseSettings):
     # of importing for seconds (~6 s here) while holding its lease. Off: each child imports.
     worker_preload_engine: bool = True
 
+    # --- events and webhooks ------------------------------------------------------------
+    # How often an open GET /v1/jobs/{id}/events re-reads job_events (one indexed query per
+    # stream per interval; any API process serves any job).
+    events_poll_interval_s: float = 0.5
+    # An open stream with nothing to send ends after this long (the client resumes with
+    # Last-Event-ID): a job that never starts must not pin a connection forever.
+    events_stream_max_s: float = 3600.0
+    # Progress events are coalesced: one needs this much more progress (0.01 = 1 point) or
+    # this many seconds since the previous one (and a change); stage changes always emit.
+    event_progress_step: float = 0.01
+    event_progress_interval_s: float = 1.0
+    # Webhook URLs resolving to loopback, private, link-local or other non-global addresses
+    # are refused (SSRF: the service would post into its own network). Self-hosted setups
+    # whose receivers live on the LAN turn this on knowingly.
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = 10.0  # per attempt: connect + send + response
+    webhook_max_attempts: int = 8  # then the delivery is "failed"
+    # Retry n waits base * 2**(n-1) seconds (capped): 5 s, 10 s, 20 s, ... up to 6 h.
+    webhook_retry_base_s: float = 5.0
+    webhook_retry_max_s: float = 6 * 3600.0
+    # The dispatcher thread in every worker's main process looks for due deliveries this
+    # often; off: run the Celery task modelpress.webhooks.dispatch (beat schedules it).
+    webhook_poll_interval_s: float = 1.0
+    webhooks_in_worker: bool = True
+
     # --- auth ----------------------------------------------------------------------------
     # Create a development tenant + key on first start (embedded default only by default).
     dev_key_bootstrap: bool | None = None

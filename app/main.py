@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from app.api.health import router as health_router
     from app.api.hygiene import RejectNulMiddleware
     from app.api.metrics import MetricsMiddleware
-    from app.api.v1 import datasets, jobs, models
+    from app.api.v1 import datasets, events, jobs, models, webhooks
     from app.services.auth import AuthCache
     from app.services.ratelimit import make_limiter
     from app.storage import get_store
@@ -74,7 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(RejectNulMiddleware)
     app.add_middleware(MetricsMiddleware)  # outermost: refused requests are counted too
-    for r in (health_router, models.router, datasets.router, jobs.router):
+    for r in (health_router, models.router, datasets.router, jobs.router, events.router,
+              webhooks.router):
         app.include_router(r)
     return app
 

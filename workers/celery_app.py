@@ -66,6 +66,13 @@ def create_celery(settings: Settings) -> Celery:
                 "schedule": settings.reaper_interval_s,
                 "options": {"queue": "cpu"},
             },
+            # Only with webhooks_in_worker off: the in-worker thread is prompter (a task on
+            # the cpu queue waits behind running jobs) and must not get a second sender.
+            **({} if settings.webhooks_in_worker else {"modelpress-webhooks": {
+                "task": "modelpress.webhooks.dispatch",
+                "schedule": settings.webhook_poll_interval_s,
+                "options": {"queue": "cpu"},
+            }}),
         },
     )
     return app

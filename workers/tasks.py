@@ -13,11 +13,12 @@ from sqlalchemy.pool import NullPool
 
 from app.config import get_settings
 from app.db.session import make_engine
-from app.services import maintenance_loop
+from app.services import maintenance_loop, webhook_loop
 from app.services.pipeline import preload_engine, run_job
 from workers.celery_app import app
 
 _maintenance_stop: threading.Event | None = None
+_webhooks_stop: threading.Event | None = None
 
 
 @app.task(name="modelpress.jobs.run", bind=True)
@@ -38,6 +39,12 @@ def tick() -> dict[str, int]:
     return {"requeued": requeued, "resent": resent}
 
 
+@app.task(name="modelpress.webhooks.dispatch")
+def dispatch_webhooks() -> dict[str, int]:
+    """Send due webhook deliveries (for beat, when webhooks_in_worker is off)."""
+    return {"attempts": webhook_loop.run_once(get_settings())}
+
+
 @worker_init.connect
 def _preload_engine(**_: Any) -> None:
     # Main process, before the pool forks: children inherit the imported engine.
@@ -47,13 +54,16 @@ def _preload_engine(**_: Any) -> None:
 
 @worker_ready.connect
 def _start_maintenance(**_: Any) -> None:
-    global _maintenance_stop
+    global _maintenance_stop, _webhooks_stop
     settings = get_settings()
     if settings.reaper_in_worker and _maintenance_stop is None:
         _maintenance_stop = maintenance_loop.start(settings, app)
+    if settings.webhooks_in_worker and _webhooks_stop is None:
+        _webhooks_stop = webhook_loop.start(settings)
 
 
 @worker_shutdown.connect
 def _stop_maintenance(**_: Any) -> None:
-    if _maintenance_stop is not None:
-        _maintenance_stop.set()
+    for stop in (_maintenance_stop, _webhooks_stop):
+        if stop is not None:
+            stop.set()

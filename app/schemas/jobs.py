@@ -82,6 +82,10 @@ class JobCreate(BaseModel):
     recipe: RecipeIn | None = None
     device: Literal["cpu", "cuda", "auto"] = "auto"
     seed: int = Field(0, ge=0, le=2**31 - 1)  # an int4 column
+    # This job's own webhook (README "Events and webhooks"): its outcome is POSTed there,
+    # signed with webhook_secret (whsec_ + base64; required with webhook_url).
+    webhook_url: str | None = Field(None, max_length=2048)
+    webhook_secret: str | None = Field(None, max_length=128)
 
     @model_validator(mode="after")
     def _something_stated(self) -> JobCreate:

@@ -16,9 +16,9 @@ from app.db.repositories import jobs as repo
 from app.db.repositories import models as model_repo
 from app.db.session import run_read
 from app.engine.errors import InputMismatch
-from app.errors import Conflict, NotFound, Unauthorized
+from app.errors import Conflict, NotFound, Unauthorized, ValidationFailed
 from app.schemas.jobs import JobCreate, JobError, JobOut, QualityMetricName
-from app.services import quotas
+from app.services import events, quotas, webhooks
 from app.services.auth import Principal
 
 QUEUE_FOR_DEVICE = {"cpu": "cpu", "cuda": "gpu"}
@@ -74,9 +74,17 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: JobCr
             raise NotFound(f"dataset {body.eval_dataset_id} not found")
         _check_inputs(model, ev, "eval dataset")
     _check_metric(model, dataset, ev, body.constraints.metric)
+    hook_url, hook_secret = body.webhook_url, body.webhook_secret
+    if hook_url is not None:  # checked before the quota lock is taken
+        webhooks.check_url(hook_url)
+        if hook_secret is None:
+            raise ValidationFailed("webhook_secret is required with webhook_url (whsec_ + "
+                                   "base64 of 24 to 64 random bytes; the receiver verifies "
+                                   "with it)")
+        webhooks.check_secret(hook_secret)
     queue = QUEUE_FOR_DEVICE.get(body.device, settings.auto_queue)
     quotas.reserve_job_slot(session, settings, tenant_id)  # last: the lock lasts to the commit
-    return repo.add(session, Job(
+    job = repo.add(session, Job(
         tenant_id=tenant_id, model_id=model.id, dataset_id=dataset.id,
         eval_dataset_id=body.eval_dataset_id, status=JobStatus.queued.value,
         constraints=body.constraints.model_dump(),
@@ -85,6 +93,9 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: JobCr
         progress=0.0, attempt=0, cancel_requested=False,
         # Set before the commit: if the send after it fails, the reconciler re-sends later.
         enqueued_at=utcnow()))
+    if hook_url is not None and hook_secret is not None:
+        webhooks.create_for_job(session, tenant_id, job.id, hook_url, hook_secret)
+    return job
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
@@ -102,7 +113,9 @@ def list_jobs(session: Session, tenant_id: str, status: str | None, limit: int,
 def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     """queued -> cancelled now; running -> cancel_requested (stops at the next progress point)."""
     job = get_job(session, tenant_id, job_id)
-    if not (repo.cancel_if_queued(session, job.id) or repo.request_cancel(session, job.id)):
+    if repo.cancel_if_queued(session, job.id):
+        events.record_job(session, job.id, "outcome")
+    elif not repo.request_cancel(session, job.id):
         session.refresh(job)
         if job.status == JobStatus.cancelled.value:
             return job

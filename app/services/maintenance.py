@@ -17,6 +17,7 @@ from app.config import Settings
 from app.db.base import utcnow
 from app.db.models import JobStatus
 from app.db.repositories import jobs as repo
+from app.services import events
 
 
 def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[str, str]]:
@@ -26,17 +27,19 @@ def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[st
     to_send: list[tuple[str, str]] = []
     for job in repo.expired_running(session, now):
         if job.cancel_requested:
-            repo.fail_expired(session, job.id, now, JobStatus.cancelled.value, "cancelled",
-                              "cancelled; the worker stopped before acknowledging it")
+            if repo.fail_expired(session, job.id, now, JobStatus.cancelled.value, "cancelled",
+                                 "cancelled; the worker stopped before acknowledging it"):
+                events.record_job(session, job.id, "outcome")
         elif job.attempt < job.max_attempts:
             if repo.requeue_expired(session, job.id, now):
                 repo.mark_enqueued(session, job.id, now)
+                events.record_job(session, job.id, "stage")
                 to_send.append((job.id, job.queue))
-        else:
-            repo.fail_expired(
+        elif repo.fail_expired(
                 session, job.id, now, JobStatus.failed.value, "worker_lost",
                 f"worker {job.lease_owner} stopped sending heartbeats (last at "
-                f"{job.heartbeat_at}); {job.attempt} of {job.max_attempts} attempts used")
+                f"{job.heartbeat_at}); {job.attempt} of {job.max_attempts} attempts used"):
+            events.record_job(session, job.id, "outcome")
     return to_send
 
 

@@ -36,6 +36,7 @@ from app.db.repositories import models as model_repo
 from app.db.session import session_factory
 from app.engine.errors import Cancelled, EngineError, TimeBudgetExceeded
 from app.engine.types import STAGES, Constraints, JobSpec, Recipe, Result
+from app.services import events
 from app.storage import ArtifactStore, StorageWriteError, file_chunks, get_store
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class _Lease:
         # it and run on until the hard limit kills the process (then: worker_lost, not timeout).
         self.deadline = self._stage_started + settings.job_soft_time_limit_s  # monotonic s
         self.stage_seconds: dict[str, float] = {}  # wall time per engine stage
+        self._events = events.ProgressEvents(settings.event_progress_step,
+                                             settings.event_progress_interval_s)
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}",
                                         daemon=True)
 
@@ -99,10 +102,12 @@ class _Lease:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _write(self, **fields: Any) -> None:
+    def _write(self, event: str | None = None, **fields: Any) -> None:
         with self._lock, self.sessions() as s:
             res = job_repo.heartbeat(s, self.job_id, self.worker_id, self.settings.job_lease_s,
                                      **fields)
+            if res is not None and event is not None:
+                events.record(s, self.job_id, event, status=JobStatus.running.value, **fields)
             s.commit()
         if res is None:
             self.lost = True
@@ -145,9 +150,10 @@ class _Lease:
         if changed or now - self._last_write >= self.settings.progress_write_interval_s:
             self._stage = stage
             self._last_write = now
+            progress, text = round(self._overall, 4), message[:2000] if message else None
             try:
-                self._write(stage=stage[:32], progress=round(self._overall, 4),
-                            message=message[:2000] if message else None)
+                self._write(self._events.kind(changed, progress, text, now), stage=stage[:32],
+                            progress=progress, message=text)
             except SQLAlchemyError:  # a DB blip must not fail the run; the beat retries
                 log.warning("progress write failed for job %s", self.job_id, exc_info=True)
         self.check()
@@ -297,9 +303,18 @@ def _commit_outcome(sessions: sessionmaker[Session], inp: _Inputs, result: Resul
         for a in artifacts:
             artifact_repo.add(s, a)
         metric_repo.replace_for_job(s, inp.job_id, rows)
+        _record_outcome_events(s, inp.job_id, metrics)
         s.commit()
         committed.append(True)
     return True
+
+
+def _record_outcome_events(s: Session, job_id: str, metrics: dict[str, Any]) -> None:
+    """The stream's candidate events, then its outcome, in the outcome's transaction (so
+    they carry the job's final state)."""
+    for i, summary in enumerate(metrics["candidates"]):
+        events.record_job(s, job_id, "candidate", candidate={"index": i, **summary})
+    events.record_job(s, job_id, "outcome")
 
 
 def _attempt_prefix(job_id: str, attempt: int) -> str:
@@ -337,7 +352,9 @@ def _clear_earlier_attempts(sessions: sessionmaker[Session], store: ArtifactStor
 def _finish_error(sessions: sessionmaker[Session], job_id: str, worker_id: str, status: str,
                   code: str, detail: str) -> None:
     with sessions() as s:
-        job_repo.finish(s, job_id, worker_id, status, error_code=code, error_detail=detail[:4000])
+        if job_repo.finish(s, job_id, worker_id, status, error_code=code,
+                           error_detail=detail[:4000]):
+            events.record_job(s, job_id, "outcome")
         s.commit()
 
 

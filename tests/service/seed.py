@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from app.config import Settings
 from app.db.base import utcnow
-from app.db.models import Artifact, Job
+from app.db.models import Artifact, Job, Webhook
 from app.db.session import session_factory
+from app.services.webhooks import new_secret
 from app.storage import get_store
 from tests.service.conftest import seed_model_and_data
 
@@ -23,11 +24,13 @@ class Seeded:
     job_id: str  # succeeded, with a report and ARTIFACT_NAME
     queued_job_id: str
     artifact_name: str
+    webhook_id: str
 
     def path_values(self) -> dict[str, str]:
         """A value for each path parameter name of the API (see the tenancy matrix)."""
         return {"model_id": self.model_id, "dataset_id": self.dataset_id,
-                "job_id": self.job_id, "name": self.artifact_name}
+                "job_id": self.job_id, "name": self.artifact_name,
+                "webhook_id": self.webhook_id}
 
 
 def seed_tenant(settings: Settings, key: str) -> Seeded:
@@ -48,11 +51,13 @@ def seed_tenant(settings: Settings, key: str) -> Seeded:
                    finished_at=now, metrics={"best": {"size_mb": 0.1}},
                    report={"candidates": [], "manifest": {"seed": 0}})
         queued = Job(**common, status="queued", enqueued_at=now)
-        s.add_all([done, queued])
+        hook = Webhook(tenant_id=tenant_id, url="https://example.com/hook",
+                       secret=new_secret(), event_types=["job.succeeded"], enabled=True)
+        s.add_all([done, queued, hook])
         s.flush()
         key_name = f"jobs/{tenant_id}/{done.id}/model.onnx"
         size, sha = store.put_stream(key_name, iter([ARTIFACT_BYTES]))
         s.add(Artifact(job_id=done.id, name="model.onnx", sha256=sha, size_bytes=size,
                        content_type="application/octet-stream", storage_key=key_name))
         s.commit()
-        return Seeded(model_id, dataset_id, done.id, queued.id, "model.onnx")
+        return Seeded(model_id, dataset_id, done.id, queued.id, "model.onnx", hook.id)

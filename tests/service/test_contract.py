@@ -47,7 +47,9 @@ STATEFUL = hypothesis.settings(max_examples=15, stateful_step_count=6,
 
 def _load(settings: Settings, broker: QuietBroker, key: str, seeded: Seeded) -> Any:
     # A broker no worker listens to: submitted jobs stay queued.
-    app = create_app(settings.model_copy(update={"broker_url": broker.url}))
+    # Streams of jobs that never run end after 1 s (they would stream keep-alives forever).
+    app = create_app(settings.model_copy(update={"broker_url": broker.url,
+                                                 "events_stream_max_s": 1.0}))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     schema.config.update(headers={"Authorization": f"Bearer {key}"})
     real = {**seeded.path_values()}

@@ -32,6 +32,7 @@ UNKNOWN = "0123456789abcdef0123456789abcdef"  # a well-formed id no tenant has
 # A minimal valid JSON body per operation whose body carries ids (beyond the ids themselves).
 BODIES: dict[str, dict[str, Any]] = {
     "POST /v1/jobs": {"constraints": {"max_size_mb": 1.0}},
+    "PATCH /v1/webhooks/{webhook_id}": {"enabled": True},
 }
 # Raw-body uploads: a small valid data file (the seeded model's input x: [N, 1, 8, 8] float32).
 RAW_BODIES: dict[str, bytes] = {}
@@ -131,8 +132,9 @@ def test_other_tenants_ids_are_404_on_every_route(api: TestClient, settings: Set
         assert missing.status_code == 404, (label, missing.text)
         assert _blank(cross.json(), theirs) == _blank(missing.json(), unknown), label
 
-    # The owner's requests with the same ids are not 404s: the ids above were real.
-    for method, path, op in ops:
+    # The owner's requests with the same ids are not 404s: the ids above were real. DELETEs
+    # last: they remove the id the other requests need.
+    for method, path, op in sorted(ops, key=lambda o: o[0] == "DELETE"):
         mine = _request(api, doc, method, path, op, theirs, key)
         assert mine.status_code != 404, (f"{method} {path}", mine.text)
         assert mine.status_code < 500, (f"{method} {path}", mine.text)

@@ -6,11 +6,13 @@ from app.db.models.blob_chunk import BlobChunk
 from app.db.models.dataset import Dataset
 from app.db.models.idempotency_key import IdempotencyKey
 from app.db.models.job import Job, JobStatus
+from app.db.models.job_event import JobEvent
 from app.db.models.job_metric import JobMetric
 from app.db.models.model import Model
 from app.db.models.tenant import Tenant
+from app.db.models.webhook import Webhook, WebhookAttempt, WebhookDelivery
 
 __all__ = [
-    "ApiKey", "Artifact", "BlobChunk", "Dataset", "IdempotencyKey", "Job", "JobMetric",
-    "JobStatus", "Model", "Tenant",
+    "ApiKey", "Artifact", "BlobChunk", "Dataset", "IdempotencyKey", "Job", "JobEvent",
+    "JobMetric", "JobStatus", "Model", "Tenant", "Webhook", "WebhookAttempt", "WebhookDelivery",
 ]
