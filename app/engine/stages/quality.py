@@ -305,8 +305,10 @@ def holdout_warnings(
     """
     out: list[str] = []
 
-    def fmt(x: float) -> str:  # accuracy / agreement in points, cosine / mse as fractions
-        return f"{x * 100:+.2f} points" if kind in ("accuracy", "agreement") else f"{x:+.4f}"
+    def fmt(x: float, sign: str = "+") -> str:  # accuracy / agreement in points, else fractions
+        if kind in ("accuracy", "agreement"):
+            return f"{x * 100:{sign}.2f} points"
+        return f"{x:{sign}.4f}"
 
     if samples < MIN_HOLDOUT_SAMPLES:
         out.append(f"the hold-out has only {samples} samples (fewer than "
@@ -318,8 +320,8 @@ def holdout_warnings(
                                                       ** 2))
             out.append(
                 f"the hold-out ({samples} samples) is too small to judge max_accuracy_drop "
-                f"{fmt(max_drop)}: the chosen candidate's {kind} drop has a {CONFIDENCE:.0%} "
-                f"interval [{fmt(drop_ci[0])}, {fmt(drop_ci[1])}] (half-width {fmt(half)}); "
+                f"{fmt(max_drop, '')}: the chosen candidate's {kind} drop has a {CONFIDENCE:.0%} "
+                f"interval [{fmt(drop_ci[0])}, {fmt(drop_ci[1])}] (half-width {fmt(half, '')}); "
                 f"{EVAL_HINT} of about {need} samples or more")
     if kind == "accuracy" and baseline_quality >= 1.0:
         out.append(f"the fp32 baseline scores 100 % accuracy on the {samples} held-out "
