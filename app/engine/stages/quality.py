@@ -207,14 +207,14 @@ class Scorer:
                          for c in np.unique(self.labels)}
             return Score(float(correct.mean()), correct, per_class, agreement)
         if self.kind == "cosine":
-            sims = _cosines(outputs, ref)
+            sims = cosines(outputs, ref)
             return Score(float(sims.mean()), sims)
         err = ((_rows(outputs) - _rows(ref)) ** 2).mean(axis=1)
         scores = 1.0 - err / self._var if self._var > 0 else np.where(err == 0, 1.0, 0.0)
         return Score(float(scores.mean()), scores)
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-sample cosine similarity of flattened outputs; two all-zero rows count as 1."""
     x, y = _rows(a), _rows(b)
     num = (x * y).sum(axis=1)
@@ -334,6 +334,7 @@ __all__ = [
     "Score",
     "Scorer",
     "check_declared",
+    "cosines",
     "drop_interval",
     "holdout_warnings",
     "is_unit_norm",
