@@ -225,7 +225,12 @@ class StageEvaluator:
         return {k: np.ascontiguousarray(v[idx]) for k, v in self.holdout.inputs.items()}
 
     def _metrics(self, onnx_path: Path, sess: Any, latency: tuple[float, float] | None) -> Metrics:
-        from app.engine.stages.evaluate import count_macs, count_params, latency_ms, run_onnx
+        from app.engine.stages.evaluate import (
+            count_macs,
+            count_params,
+            latency_ms,
+            run_onnx,
+        )
         from app.engine.stages.quality import drop_interval
 
         if latency is None:  # the baseline: alone, once, more rounds

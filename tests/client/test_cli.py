@@ -51,7 +51,7 @@ def test_submit_wait_download_runs_in_onnxruntime(cli: Cli, files: dict[str, Pat
 
     r = cli("submit", str(files["pt2"]), "--data", str(files["data"]), "--recipe", FAST_RECIPE,
             "--batch-size", "64", "--threads", "1", "--time-budget-s", "180",
-            "--device", "cpu", "--wait", "--poll-s", "0.2")
+            "--metric", "accuracy", "--device", "cpu", "--wait", "--poll-s", "0.2")
     no_traceback(r.out, r.err)
     assert r.rc == 0, r.out + r.err
     m = JOB_ID.search(r.err)
@@ -63,7 +63,11 @@ def test_submit_wait_download_runs_in_onnxruntime(cli: Cli, files: dict[str, Pat
     assert f"job        {job_id}" in r.out and "status     succeeded" in r.out
     assert re.search(r"^artifact   model\.onnx\s+\d+\.\d{3} MB  sha256 [0-9a-f]{64}$", r.out,
                      re.M), r.out
-    assert re.search(r"^ratios     [\d.]+x smaller", r.out, re.M), r.out
+    assert re.search(r"^ratios     [\d.]+x smaller.*accuracy drop -?[\d.]+ \(95% interval "
+                     r"[-+][\d.]+ to [-+][\d.]+\)$", r.out, re.M), r.out
+    # 120 held-out samples (20 % of 600): the CLI shows the job's warning.
+    assert re.search(r"^warning    the hold-out has only 120 samples.*eval_dataset_id", r.out,
+                     re.M), r.out
 
     out_dir = tmp_path / "dl"
     d = cli("download", job_id, "--name", "model.onnx", "--out", str(out_dir))

@@ -180,8 +180,8 @@ def test_holdout_warnings() -> None:
     small = holdout_warnings("accuracy", 0.95, (-0.01, 0.03), 150, 0.01)
     assert len(small) == 2
     assert f"only 150 samples (fewer than {MIN_HOLDOUT_SAMPLES})" in small[0]
-    assert "too small to judge max_accuracy_drop +1.00 points" in small[1]
-    assert "half-width +2.00 points" in small[1] and "eval_dataset_id" in small[1]
+    assert "too small to judge max_accuracy_drop 1.00 points" in small[1]
+    assert "half-width 2.00 points" in small[1] and "eval_dataset_id" in small[1]
     assert "about 600 samples" in small[1]  # 150 * (0.02 / 0.01)^2
     saturated = holdout_warnings("accuracy", 1.0, (-0.001, 0.004), 5000, 0.01)
     assert len(saturated) == 1 and "saturated" in saturated[0] and "--eval-data" in saturated[0]
@@ -324,7 +324,7 @@ def test_saturated_small_holdout_warns_in_report_and_cli(
     warnings = report["warnings"]
     assert len(warnings) == 3, warnings
     assert "only 150 samples" in warnings[0]
-    assert "too small to judge max_accuracy_drop +1.00 points" in warnings[1]
+    assert "too small to judge max_accuracy_drop 1.00 points" in warnings[1]
     assert "saturated" in warnings[2]
     for w in warnings:
         assert f"warning: {w}" in text

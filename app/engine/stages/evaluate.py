@@ -132,6 +132,13 @@ def latency_ms(
 # ---------------------------------------------------------------------------- quality
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over samples of the cosine similarity of the flattened outputs."""
+    from app.engine.stages.quality import cosines
+
+    return float(cosines(a, b).mean())
+
+
 def quality(
     outputs: np.ndarray, reference: np.ndarray | None, labels: np.ndarray | None,
     metric: QualityMetric = "auto",
@@ -358,6 +365,7 @@ def evaluate_onnx(
 
 
 __all__ = [
+    "cosine",
     "count_macs",
     "count_params",
     "evaluate_onnx",

@@ -207,14 +207,14 @@ class Scorer:
                          for c in np.unique(self.labels)}
             return Score(float(correct.mean()), correct, per_class, agreement)
         if self.kind == "cosine":
-            sims = _cosines(outputs, ref)
+            sims = cosines(outputs, ref)
             return Score(float(sims.mean()), sims)
         err = ((_rows(outputs) - _rows(ref)) ** 2).mean(axis=1)
         scores = 1.0 - err / self._var if self._var > 0 else np.where(err == 0, 1.0, 0.0)
         return Score(float(scores.mean()), scores)
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-sample cosine similarity of flattened outputs; two all-zero rows count as 1."""
     x, y = _rows(a), _rows(b)
     num = (x * y).sum(axis=1)
@@ -305,8 +305,10 @@ def holdout_warnings(
     """
     out: list[str] = []
 
-    def fmt(x: float) -> str:  # accuracy / agreement in points, cosine / mse as fractions
-        return f"{x * 100:+.2f} points" if kind in ("accuracy", "agreement") else f"{x:+.4f}"
+    def fmt(x: float, sign: str = "+") -> str:  # accuracy / agreement in points, else fractions
+        if kind in ("accuracy", "agreement"):
+            return f"{x * 100:{sign}.2f} points"
+        return f"{x:{sign}.4f}"
 
     if samples < MIN_HOLDOUT_SAMPLES:
         out.append(f"the hold-out has only {samples} samples (fewer than "
@@ -318,8 +320,8 @@ def holdout_warnings(
                                                       ** 2))
             out.append(
                 f"the hold-out ({samples} samples) is too small to judge max_accuracy_drop "
-                f"{fmt(max_drop)}: the chosen candidate's {kind} drop has a {CONFIDENCE:.0%} "
-                f"interval [{fmt(drop_ci[0])}, {fmt(drop_ci[1])}] (half-width {fmt(half)}); "
+                f"{fmt(max_drop, '')}: the chosen candidate's {kind} drop has a {CONFIDENCE:.0%} "
+                f"interval [{fmt(drop_ci[0])}, {fmt(drop_ci[1])}] (half-width {fmt(half, '')}); "
                 f"{EVAL_HINT} of about {need} samples or more")
     if kind == "accuracy" and baseline_quality >= 1.0:
         out.append(f"the fp32 baseline scores 100 % accuracy on the {samples} held-out "
@@ -332,6 +334,7 @@ __all__ = [
     "Score",
     "Scorer",
     "check_declared",
+    "cosines",
     "drop_interval",
     "holdout_warnings",
     "is_unit_norm",
