@@ -26,8 +26,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck
 from hypothesis import strategies as st
+from schemathesis.config._auth import OpenAPIAuthConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from app.api.openapi import BEARER
 from app.config import Settings
 from app.main import create_app
 from tests.service.conftest import QuietBroker
@@ -49,7 +51,9 @@ def _load(settings: Settings, broker: QuietBroker, key: str, seeded: Seeded) -> 
     # A broker no worker listens to: submitted jobs stay queued.
     app = create_app(settings.model_copy(update={"broker_url": broker.url}))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    schema.config.update(headers={"Authorization": f"Bearer {key}"})
+    # Through the document's own security scheme: schemathesis then knows the key is real
+    # and checks (ignored_auth) that the same request without it, or with a wrong one, is 401.
+    schema.config.auth.openapi = OpenAPIAuthConfig(schemes={BEARER: {"bearer": key}})
     real = {**seeded.path_values()}
 
     @schema.hook
