@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -406,7 +407,11 @@ def run(args: argparse.Namespace) -> int:
             print_problem(_usage_problem("a model is required: MODEL or --model"))
             return EXIT_USAGE
     try:
-        return COMMANDS[args.command](args)
+        rc = COMMANDS[args.command](args)
+        sys.stdout.flush()  # inside the try: a reader that went away (| head) is handled here
+        return rc
+    except BrokenPipeError:
+        return _reader_gone()
     except ApiError as e:
         print_problem(e.problem)
         return EXIT_ERROR
@@ -420,6 +425,17 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _reader_gone() -> int:
+    """stdout's reader closed the pipe (``modelpress status ID | head -1``): what it read is
+    all it wanted, so no error. stdout is pointed at /dev/null, or the interpreter's final
+    flush fails again and prints "Exception ignored ... BrokenPipeError" (Python docs,
+    "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
