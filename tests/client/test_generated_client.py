@@ -76,7 +76,7 @@ def test_generated_client_runs_a_whole_job(gen: ModuleType, live_server: str,
             client=client, body=types.File(payload=f, file_name="mlp.pt2"), filename="mlp.pt2")
     assert r.status_code == 201, r.content
     model = r.parsed
-    assert isinstance(model, m.ModelOut) and model.format == "pt2"
+    assert isinstance(model, m.ModelOut) and model.format_ == "pt2"
     name = model.inputs[0].name
     x, y = np.load(mlp_files["x"]), np.load(mlp_files["y"])
     data = npz_bytes(**{name: x[:600], "labels": y[:600]})
