@@ -77,6 +77,10 @@ def test_document_is_a_usable_contract(api: TestClient) -> None:
         assert list(download["responses"][status]["content"]) == ["application/octet-stream"]
     headers = {p["name"] for p in download["parameters"] if p["in"] == "header"}
     assert headers == {"Range", "If-None-Match", "If-Range"}
+    for upload in ("/v1/models", "/v1/datasets"):
+        op = doc["paths"][upload]["post"]
+        assert {p["name"] for p in op["parameters"] if p["in"] == "header"} == {
+            "Idempotency-Key", "X-Filename", "Content-Disposition"}, upload
     create = doc["paths"]["/v1/jobs"]["post"]
     assert {p["name"] for p in create["parameters"] if p["in"] == "header"} == {
         "Idempotency-Key"}
@@ -156,3 +160,12 @@ def test_docs_load_nothing_from_a_cdn(api: TestClient, page: str) -> None:
         got = api.get(url)
         assert got.status_code == 200 and len(got.content) > 500, (url, got.status_code)
     assert "/openapi.json" in urls or "'/openapi.json'" in html or '"/openapi.json"' in html
+
+
+@pytest.mark.parametrize("headers", [{"X-Filename": "mine.pt2"},
+                                     {"Content-Disposition": 'attachment; filename="mine.pt2"'}])
+def test_declared_filename_headers_name_the_upload(api: TestClient, auth: dict[str, str],
+                                                   headers: dict[str, str]) -> None:
+    r = api.post("/v1/models", headers={**auth, **headers}, content=b"not a model " * 10)
+    assert r.status_code == 422 and r.json()["code"] == "invalid_model", r.text
+    assert "mine.pt2" in r.json()["detail"]
