@@ -14,12 +14,24 @@ client commands start fast and work without torch being loaded.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from app.client import cli as client_cli
 
+# Loggers of libraries that report harmless facts at import on a CPU-only machine: torchao
+# ("Failed to load ..._C_mxfp8...so", its CUDA kernels) and torch's pytree deprecation notes.
+QUIET_AT_IMPORT = ("torchao", "torch.utils._pytree")
+
+
+def _quiet_library_imports() -> None:
+    for name in QUIET_AT_IMPORT:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
 
 def _compress(argv: list[str]) -> int:
+    _quiet_library_imports()
     try:
         from app.engine.cli import add_compress_parser, compress
     except ImportError as e:
@@ -41,6 +53,13 @@ def _create_key(tenant: str) -> int:
     from app.services.admin import create_key
 
     settings = get_settings()
+    if (missing := _missing_sqlite_file(settings.database_url)) is not None:
+        # Creating it would print a key for a new, empty database no server reads (401).
+        print(f"error: no database at {missing} (MODELPRESS_DATABASE_URL="
+              f"{settings.database_url}, resolved against the current directory "
+              f"{Path.cwd()}).\n  Run this in the directory where `modelpress serve` runs, "
+              "or set MODELPRESS_DATABASE_URL to the server's database.", file=sys.stderr)
+        return 1
     try:
         if settings.is_sqlite:
             upgrade(settings.database_url)  # the embedded default has no separate migrate step
@@ -53,6 +72,17 @@ def _create_key(tenant: str) -> int:
     print(key)
     print(f"  key for tenant {tenant!r}; shown once, only its hash is stored", file=sys.stderr)
     return 0
+
+
+def _missing_sqlite_file(url: str) -> Path | None:
+    """The absolute path of a SQLite database file that does not exist, else None."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database).resolve()
+    return None if path.exists() else path
 
 
 def _quota(text: str) -> int | None:

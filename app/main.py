@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app.config import Settings, get_settings
 from app.db.session import session_factory
@@ -45,7 +46,7 @@ def bootstrap_dev_key(settings: Settings) -> str | None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from app.api import errors
+    from app.api import errors, openapi
     from app.api.health import router as health_router
     from app.api.hygiene import RejectNulMiddleware
     from app.api.metrics import MetricsMiddleware
@@ -63,8 +64,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             bootstrap_dev_key(settings)
         yield
 
-    app = FastAPI(title="ModelPress", version=__version__, lifespan=lifespan,
-                  description="Compress trained neural networks to a stated budget.")
+    # /docs and /redoc with Swagger UI and ReDoc served from the package (fastapi-offline
+    # ships their assets): an offline, self-hosted install must not need a CDN.
+    app = FastAPIOffline(title="ModelPress", version=__version__, lifespan=lifespan,
+                         description="Compress trained neural networks to a stated budget.",
+                         generate_unique_id_function=openapi.operation_id)
     app.state.settings = settings
     app.state.sessions = session_factory(settings)
     app.state.store = get_store(settings)
@@ -72,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth_cache = AuthCache(settings.auth_cache_s)
     app.state.limiter = make_limiter(settings)
     errors.install(app)
+    openapi.install(app)
     app.add_middleware(RejectNulMiddleware)
     app.add_middleware(MetricsMiddleware)  # outermost: refused requests are counted too
     for r in (health_router, models.router, datasets.router, jobs.router, events.router,

@@ -105,6 +105,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _clean_errors(exc.errors())
+        bad_json = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+        if bad_json is not None:
+            # Not JSON at all: a malformed request (400 bad_request), not an invalid one (422).
+            why = (bad_json.get("ctx") or {}).get("error", "JSON decode error")
+            return problem(400, "bad_request", f"the body is not valid JSON: {why} (at "
+                           f"character {bad_json['loc'][-1]})", instance=request.url.path)
         detail = "; ".join(f"{'.'.join(e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
                            for e in errors[:5]) if errors else "invalid request"
         return problem(422, "validation_error", detail, instance=request.url.path,

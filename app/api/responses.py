@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.api.errors import PROBLEM
 from app.schemas.common import Problem
 
 Responses = dict[int | str, dict[str, Any]]
 
 _DESCRIPTIONS = {
-    400: "Malformed request (unparsable body, NUL byte, body not matching its Content-Length)",
+    400: "Malformed request (unparsable JSON, NUL byte, body not matching its Content-Length)",
     401: "Missing, unknown, revoked or expired API key, or a key in the query string",
     404: "Unknown id, or another tenant's",
     408: "Upload idle for longer than MODELPRESS_UPLOAD_IDLE_TIMEOUT_S",
@@ -33,8 +34,10 @@ _HEADERS: dict[int, dict[str, Any]] = {
 def problems(*statuses: int) -> Responses:
     out: Responses = {}
     for s in statuses:
-        entry: dict[str, Any] = {"model": Problem, "description": _DESCRIPTIONS[s],
-                                 "content": {"application/problem+json": {}}}
+        # Only problem+json (what the handlers send), with the schema: a generated client
+        # parses every error into a Problem. The component is added by app/api/openapi.py.
+        entry: dict[str, Any] = {"description": _DESCRIPTIONS[s], "content": {
+            PROBLEM: {"schema": {"$ref": f"#/components/schemas/{Problem.__name__}"}}}}
         headers = dict(_HEADERS.get(s, {}))
         if s == 429:
             headers["Retry-After"] = {"description": "seconds", **_INT}

@@ -55,13 +55,15 @@ class Received:
         shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
-def filename_from(request: Request, query_name: str | None) -> str | None:
+def filename_from(query_name: str | None, x_filename: str | None,
+                  content_disposition: str | None) -> str | None:
+    """The upload's file name: ``?filename=``, else ``X-Filename``, else the
+    ``Content-Disposition`` ``filename`` parameter (the routes declare all three)."""
     if query_name:
         return query_name
-    if name := request.headers.get("x-filename"):
-        return name
-    cd = request.headers.get("content-disposition", "")
-    for part in cd.split(";"):
+    if x_filename:
+        return x_filename
+    for part in (content_disposition or "").split(";"):
         key, _, value = part.strip().partition("=")
         if key.lower() == "filename" and value:
             return value.strip('"')

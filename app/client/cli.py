@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any, TextIO, get_args
 from pydantic import ValidationError
 
 from app.client.sdk import ApiError, Client
-from app.schemas.common import Problem
+from app.schemas.common import ErrorCode, Problem
 from app.schemas.jobs import ConstraintsIn, JobCreate, JobOut, QualityMetricName, RecipeIn
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -41,12 +42,12 @@ def print_problem(p: Problem, out: TextIO | None = None) -> None:
         for k, v in details.items():
             print(f"  {k}: {v}", file=out)
     for e in p.errors or []:
-        loc = ".".join(str(x) for x in e.get("loc", []))
-        print(f"  - {loc}: {e.get('msg', '')}", file=out)
+        print(f"  - {'.'.join(e.loc)}: {e.msg}", file=out)
 
 
 def _usage_problem(detail: str) -> Problem:
-    return Problem(title="Invalid arguments", status=0, code="validation_error", detail=detail)
+    return Problem(title="Invalid arguments", status=0, code=ErrorCode.validation_error,
+                   detail=detail)
 
 
 def _validation_detail(e: ValidationError) -> str:
@@ -109,16 +110,16 @@ def print_job(job: JobOut) -> None:
           + (f"  {job.message}" if job.message else ""))
     print(f"attempt    {job.attempt}/{job.max_attempts}   queue {job.queue}   device {job.device}")
     print(f"model      {job.model_id}   data {job.dataset_id}")
-    limits = {k: v for k, v in job.constraints.items() if v is not None}
+    limits = job.constraints.model_dump(exclude_none=True)
     print(f"constraints {json.dumps(limits)}")
     if job.recipe:
-        print(f"recipe     {json.dumps(job.recipe)}")
+        print(f"recipe     {json.dumps(job.recipe.model_dump())}")
     print(f"created    {job.created_at:%Y-%m-%d %H:%M:%S}"
           + (f"   started {job.started_at:%H:%M:%S}" if job.started_at else "")
           + (f"   finished {job.finished_at:%H:%M:%S}" if job.finished_at else ""))
     if job.error:
         print(f"error      {job.error.code}: {job.error.detail or ''}")
-    print_metrics(job.metrics)
+    print_metrics(job.metrics.model_dump(mode="json") if job.metrics else None)
 
 
 def print_metrics(metrics: dict[str, Any] | None) -> None:
@@ -325,7 +326,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        _dump(c.report(args.id))
+        _dump(c.report(args.id).model_dump(mode="json"))
     return EXIT_OK
 
 
@@ -412,19 +413,35 @@ def run(args: argparse.Namespace) -> int:
             print_problem(_usage_problem("a model is required: MODEL or --model"))
             return EXIT_USAGE
     try:
-        return COMMANDS[args.command](args)
+        rc = COMMANDS[args.command](args)
+        sys.stdout.flush()  # inside the try: a reader that went away (| head) is handled here
+        return rc
+    except BrokenPipeError:
+        return _reader_gone()
     except ApiError as e:
         print_problem(e.problem)
         return EXIT_ERROR
     except TimeoutError as e:
-        print_problem(Problem(title="Timed out", status=0, code="timeout", detail=str(e)))
+        print_problem(Problem(title="Timed out", status=0, code=ErrorCode.timeout, detail=str(e)))
         return EXIT_ERROR
     except OSError as e:
-        print_problem(Problem(title="File error", status=0, code="file_error", detail=str(e)))
+        print_problem(Problem(title="File error", status=0, code=ErrorCode.file_error,
+                              detail=str(e)))
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _reader_gone() -> int:
+    """stdout's reader closed the pipe (``modelpress status ID | head -1``): what it read is
+    all it wanted, so no error. stdout is pointed at /dev/null, or the interpreter's final
+    flush fails again and prints "Exception ignored ... BrokenPipeError" (Python docs,
+    "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

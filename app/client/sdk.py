@@ -24,9 +24,9 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from app.schemas.common import Problem
+from app.schemas.common import ErrorCode, Problem
 from app.schemas.datasets import DatasetOut, DatasetPage
-from app.schemas.jobs import ArtifactList, JobCreate, JobOut, JobPage
+from app.schemas.jobs import ArtifactList, JobCreate, JobOut, JobPage, JobReport
 from app.schemas.models import ModelOut, ModelPage
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -81,15 +81,21 @@ def _file_chunks(path: Path, progress: Callable[[int], None] | None) -> Iterator
 def _problem_from(resp: httpx.Response) -> Problem:
     try:
         body = resp.json()
-        if isinstance(body, dict) and "code" in body:
-            body.setdefault("title", resp.reason_phrase)
-            body.setdefault("status", resp.status_code)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "code" in body:
+        body.setdefault("title", resp.reason_phrase)
+        body.setdefault("status", resp.status_code)
+        try:
             return Problem.model_validate(body)
-    except (ValueError, ValidationError):
-        pass
+        except ValidationError:
+            # A code this client does not know yet (a newer server): keep its words.
+            detail = f"{body.get('code')}: {body.get('detail')}"
+            return Problem(title=str(body["title"]), status=resp.status_code,
+                           code=ErrorCode.http_error, detail=detail)
     text = resp.text[:500]
     return Problem(title=resp.reason_phrase or "HTTP error", status=resp.status_code,
-                   code="http_error", detail=text or None)
+                   code=ErrorCode.http_error, detail=text or None)
 
 
 class Client:
@@ -122,7 +128,7 @@ class Client:
         try:
             resp = self._http.request(method, path, **kw)
         except httpx.TransportError as e:
-            raise ApiError(Problem(title="Connection failed", status=0, code="unreachable",
+            raise ApiError(Problem(title="Connection failed", status=0, code=ErrorCode.unreachable,
                                    detail=f"{self.url}: {e}")) from e
         if resp.status_code >= 400:
             raise ApiError(_problem_from(resp))
@@ -199,9 +205,10 @@ class Client:
         return JobOut.model_validate_json(
             self._request("POST", f"/v1/jobs/{job_id}:cancel").content)
 
-    def report(self, job_id: str) -> dict[str, Any]:
-        body: dict[str, Any] = self._request("GET", f"/v1/jobs/{job_id}/report").json()
-        return body
+    def report(self, job_id: str) -> JobReport:
+        """The job's result (also there for a job that failed ``constraints_unsatisfiable``)."""
+        return JobReport.model_validate_json(
+            self._request("GET", f"/v1/jobs/{job_id}/report").content)
 
     def artifacts(self, job_id: str) -> ArtifactList:
         return ArtifactList.model_validate_json(
@@ -251,7 +258,7 @@ class Client:
                             progress(done, total)
         except httpx.TransportError as e:
             tmp.unlink(missing_ok=True)
-            raise ApiError(Problem(title="Connection failed", status=0, code="unreachable",
+            raise ApiError(Problem(title="Connection failed", status=0, code=ErrorCode.unreachable,
                                    detail=f"{self.url}: {e}")) from e
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -260,7 +267,7 @@ class Client:
         if not etag or got != etag:
             tmp.unlink(missing_ok=True)
             raise ApiError(Problem(
-                title="Checksum mismatch", status=0, code="checksum_mismatch",
+                title="Checksum mismatch", status=0, code=ErrorCode.checksum_mismatch,
                 detail=f"{name}: sha256 {got} does not match the ETag {etag or '(none)'}"))
         tmp.replace(final)
         return final

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from app.engine.schemes import NAMES as QUANT_NAMES
+from app.schemas.common import ErrorCode
 
 # The engine's registered quantization schemes (one enum in the OpenAPI document).
 if TYPE_CHECKING:
@@ -17,6 +19,22 @@ else:
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 QualityMetricName = Literal["auto", "accuracy", "agreement", "cosine", "mse"]
+
+
+class JobStage(StrEnum):
+    """What a running job is doing: the engine's stages (``app.engine.types.STAGES``), then
+    ``store`` (artifacts being written) and ``done``. tests/service/test_openapi.py fails when
+    the engine gains a stage that is not listed here."""
+
+    load = "load"
+    baseline = "baseline"
+    prune = "prune"
+    quantize = "quantize"
+    distill = "distill"
+    export = "export"
+    evaluate = "evaluate"
+    store = "store"
+    done = "done"
 
 
 class ConstraintsIn(BaseModel):
@@ -59,13 +77,14 @@ class RecipeIn(BaseModel):
 
 
 # The rule of ``_something_stated`` in the OpenAPI document, so a schema-valid body is a
-# valid body: a recipe, or constraints with at least one limit that is not null.
-_STATES_A_LIMIT: dict[str, Any] = {"anyOf": [
-    {"required": ["recipe"], "properties": {"recipe": {"type": "object"}}},
-    {"required": ["constraints"], "properties": {"constraints": {"anyOf": [
-        {"required": [name], "properties": {name: {"type": "number"}}}
-        for name in ("max_size_mb", "max_latency_ms", "max_accuracy_drop")]}}},
-]}
+# valid body: NOT (no recipe AND no limit), i.e. a recipe, or constraints with at least one
+# limit that is not null. Written with ``not`` rather than an ``anyOf`` of partial objects:
+# generators (openapi-python-client) turn such an anyOf into a union of half models and drop
+# JobCreate; ``not`` is validation only, and they ignore it.
+LIMITS = ("max_size_mb", "max_latency_ms", "max_accuracy_drop")
+_STATES_A_LIMIT: dict[str, Any] = {"not": {"properties": {
+    "recipe": {"type": "null"},
+    "constraints": {"properties": {name: {"type": "null"} for name in LIMITS}}}}}
 
 
 # An id in a body: any string without NUL (Postgres text cannot hold one; unknown ids are 404).
@@ -73,6 +92,9 @@ RefId = Annotated[str, Field(max_length=64, pattern=r"^[^\x00]*$")]
 
 
 class JobCreate(BaseModel):
+    """A job: at least one limit in ``constraints`` (size, latency, accuracy drop), or an
+    explicit ``recipe`` that skips the search."""
+
     model_config = ConfigDict(extra="forbid", json_schema_extra=_STATES_A_LIMIT)
 
     model_id: RefId
@@ -97,15 +119,190 @@ class JobCreate(BaseModel):
 
 
 class JobError(BaseModel):
-    code: str
+    code: ErrorCode
     detail: str | None = None
+
+
+# --- the job's result, as the engine reports it (app/engine/pipeline.py ``report``) ---------
+# Nested objects allow extra fields: the engine adds figures (warnings, noise, ...) without
+# breaking a client generated from an older document.
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ConstraintsOut(ConstraintsIn):
+    """The job's constraints, defaults filled in."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class RecipeOut(RecipeIn):
+    """A recipe as run (``distill_epochs`` = the epochs actually run)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class MetricsOut(_Open):
+    """One model measured on the target runtime (ONNX Runtime) on the held-out data."""
+
+    quality: float = Field(description="accuracy with labels, else fidelity to the original")
+    quality_kind: str = Field(description="accuracy, agreement or cosine (what quality is)")
+    latency_p50_ms: float = Field(description="ONNX Runtime p50 at the constraints' batch "
+                                              "size and threads, ms")
+    latency_p95_ms: float
+    size_bytes: int = Field(description="bytes of the ONNX file")
+    parameters: int
+    macs: int = Field(description="multiply-accumulates of one sample")
+    per_class_accuracy: dict[str, float] | None = None
+    agreement: float | None = Field(None, description="top-1 agreement with the original")
+
+
+class CandidateOut(_Open):
+    """One evaluated point of the search; ``id`` is its position in ``candidates``."""
+
+    id: int
+    recipe: RecipeOut
+    metrics: MetricsOut
+    feasible: bool = Field(description="meets every constraint")
+    distilled: bool
+    reasons: list[str] = Field(default_factory=list, description="why not feasible")
+
+
+class ParetoPoint(BaseModel):
+    """A candidate on the Pareto front (size x latency x quality): its id and its metrics."""
+
+    candidate_id: int
+    metrics: MetricsOut
+
+
+class Ratios(_Open):
+    size: float = Field(description="original size / compressed size")
+    speedup: float = Field(description="original p50 / compressed p50")
+    quality_drop: float = Field(description="original quality - compressed quality")
+
+
+class FileEntry(_Open):
+    file: str
+    sha256: str
+    size_bytes: int
+
+
+class Manifest(_Open):
+    """sha256 of every input and output, and the library versions of the run."""
+
+    inputs: dict[str, FileEntry]
+    outputs: dict[str, FileEntry]
+    library_versions: dict[str, str]
+
+
+class DataSplit(_Open):
+    """Samples used: training, distillation validation, held-out evaluation."""
+
+    train: int
+    validation: int
+    holdout: int
+    holdout_source: str = Field(description="eval_data (a separate upload) or split")
+
+
+class SkippedCandidate(_Open):
+    recipe: str
+    error: str
+
+
+class JobSpecOut(_Open):
+    constraints: ConstraintsOut
+    recipe: RecipeOut | None = None
+    device: str
+    seed: int
+
+
+class JobReport(_Open):
+    """The job's result (report.json): the baseline, the chosen candidate, every candidate,
+    the Pareto front, the ratios and the manifest. Also stored when no candidate met the
+    constraints (``status: constraints_unsatisfiable``)."""
+
+    status: Literal["succeeded", "constraints_unsatisfiable"]
+    message: str
+    seed: int
+    device: str
+    spec: JobSpecOut | None = None
+    constraints: ConstraintsOut
+    recipe: RecipeOut
+    baseline: MetricsOut
+    chosen: CandidateOut
+    chosen_index: int = Field(description="id of the chosen candidate")
+    candidates: list[CandidateOut]
+    pareto_front: list[int] = Field(description="ids of the candidates on the Pareto front")
+    skipped: list[SkippedCandidate] = Field(default_factory=list,
+                                            description="grid points that failed to build")
+    ratios: Ratios
+    warnings: list[str] = Field(default_factory=list)
+    onnx_parity_max_abs: float | None = Field(None, description="ONNX Runtime vs torch")
+    data: DataSplit | None = None
+    elapsed_s: float | None = None
+    manifest: Manifest | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _number_candidates(cls, data: Any) -> Any:
+        """The engine's report lists candidates without ids: the id is the position."""
+        if not isinstance(data, dict) or not isinstance(data.get("candidates"), list):
+            return data
+        out = dict(data)
+        out["candidates"] = [{**c, "id": i} if isinstance(c, dict) and "id" not in c else c
+                             for i, c in enumerate(data["candidates"])]
+        chosen, index = data.get("chosen"), data.get("chosen_index")
+        if isinstance(chosen, dict) and "id" not in chosen and isinstance(index, int):
+            out["chosen"] = {**chosen, "id": index}
+        return out
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def pareto(self) -> list[ParetoPoint]:
+        """The Pareto front with each candidate's metrics."""
+        by_id = {c.id: c for c in self.candidates}
+        return [ParetoPoint(candidate_id=i, metrics=by_id[i].metrics)
+                for i in self.pareto_front if i in by_id]
+
+
+# --- the job resource ------------------------------------------------------------------------
+
+
+class BestOut(MetricsOut):
+    """The chosen candidate's metrics with its recipe."""
+
+    recipe: RecipeOut
+    feasible: bool
+    reasons: list[str] = Field(default_factory=list)
+
+
+class CandidateSummary(_Open):
+    recipe: RecipeOut
+    feasible: bool
+    distilled: bool
+    quality: float
+    latency_p50_ms: float
+    size_bytes: int
+    reasons: list[str] = Field(default_factory=list)
+
+
+class JobMetrics(_Open):
+    """A finished job's figures (the full result is ``GET /v1/jobs/{id}/report``)."""
+
+    baseline: MetricsOut
+    best: BestOut
+    candidates: list[CandidateSummary]
+    stage_seconds: dict[str, float] = Field(default_factory=dict,
+                                            description="wall time per stage, seconds")
 
 
 class JobOut(BaseModel):
     id: str
     status: JobStatusName
-    stage: str | None
-    progress: float
+    stage: JobStage | None
+    progress: float = Field(description="0..1")
     message: str | None
     attempt: int
     max_attempts: int
@@ -114,9 +311,9 @@ class JobOut(BaseModel):
     eval_dataset_id: str | None
     device: str
     queue: str
-    constraints: dict[str, Any]
-    recipe: dict[str, Any] | None
-    metrics: dict[str, Any] | None
+    constraints: ConstraintsOut
+    recipe: RecipeOut | None
+    metrics: JobMetrics | None
     error: JobError | None
     cancel_requested: bool
     created_at: datetime

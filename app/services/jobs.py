@@ -125,19 +125,11 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
 
 
 def to_out(job: Job) -> JobOut:
-    return JobOut(
-        id=job.id, status=job.status, stage=job.stage, progress=job.progress,  # type: ignore[arg-type]
-        message=job.message, attempt=job.attempt, max_attempts=job.max_attempts,
-        model_id=job.model_id, dataset_id=job.dataset_id, eval_dataset_id=job.eval_dataset_id,
-        device=job.device, queue=job.queue, constraints=job.constraints, recipe=job.recipe,
-        metrics=job.metrics,
-        error=None if job.error_code is None else JobError(code=job.error_code,
-                                                           detail=job.error_detail),
-        cancel_requested=job.cancel_requested, created_at=job.created_at,
-        started_at=job.started_at, finished_at=job.finished_at, updated_at=job.updated_at)
+    return _out_from_row({c.key: getattr(job, c.key) for c in repo.OUT_COLUMNS})
 
 
 def _out_from_row(row: Any) -> JobOut:
+    """``row``: the columns of ``repo.OUT_COLUMNS`` by name (a Core row or the ORM object's)."""
     return JobOut(
         id=row["id"], status=row["status"], stage=row["stage"], progress=row["progress"],
         message=row["message"], attempt=row["attempt"], max_attempts=row["max_attempts"],

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -176,3 +179,41 @@ def test_admin_create_key_isolates_tenants(cli: Cli, pg_env_vars: dict[str, str]
     assert r.rc == 0 and len(r.out.strip().splitlines()) == 1  # the header, no jobs
     r = cli("upload-data", str(files["data"]), "--model", mine, "--key", other)
     assert r.rc == 1 and "code not_found" in r.err, r.err  # another tenant's id is a 404
+
+
+def test_output_into_a_closed_pipe_is_quiet(cli: Cli) -> None:
+    """``modelpress status ID | head -1`` printed a BrokenPipeError and exited 1. Here the
+    reader is gone before the first byte (the read end closed), so every write fails."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        res = subprocess.run([sys.executable, "-m", "app.cli", "list"], cwd=cli.cwd,
+                             env=cli.env(), stdout=write, stderr=subprocess.PIPE, text=True,
+                             timeout=120)
+    finally:
+        os.close(write)
+    assert res.returncode == 0, res.stderr
+    assert "BrokenPipe" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
+    assert res.stderr == ""
+
+
+def test_admin_create_key_refuses_a_database_that_is_not_there(cli: Cli,
+                                                               tmp_path: Path) -> None:
+    """Run from another directory, the relative SQLite default used to create a new empty
+    database there and print a key that the server (reading its own database) answered 401."""
+    r = cli("admin", "create-key", "--tenant", "lost")  # no MODELPRESS_DATABASE_URL: default
+    assert r.rc == 1 and r.out == "", r.out
+    where = (cli.cwd / "var" / "modelpress.db").resolve()
+    assert f"no database at {where}" in r.err and "MODELPRESS_DATABASE_URL" in r.err, r.err
+    no_traceback(r.err)
+    assert not (cli.cwd / "var").exists()  # nothing created
+
+
+def test_compress_prints_no_library_import_noise(cli: Cli, files: dict[str, Path],
+                                                 tmp_path: Path) -> None:
+    """torchao printed "Failed to load ..._C_mxfp8...so" (its CUDA kernels) on every run."""
+    r = cli("compress", str(files["junk"]), "--data", str(files["data"]), "--out",
+            str(tmp_path / "out"), "--max-size-mb", "1")
+    assert r.rc != 0 and "invalid_model" in r.err, r.err
+    for noise in ("Failed to load", "_C_mxfp8", "_pytree"):
+        assert noise not in r.err, r.err

@@ -15,6 +15,7 @@ from app.db.session import session_factory
 from app.services.auth import hash_key
 from app.storage import get_store
 from tests.service.conftest import new_key, seed_model_and_data
+from tests.service.seed import sample_result
 
 pytestmark = pytest.mark.service
 
@@ -87,11 +88,55 @@ def test_missing_artifacts_and_report(client: TestClient, auth: dict[str, str], 
     assert r.status_code == 404 and r.json()["code"] == "not_found"
     r = client.get(f"/v1/jobs/{job_id}/report", headers=auth)
     assert r.status_code == 409 and r.json()["code"] == "conflict"
+    _, report = sample_result()
     with session_factory(settings)() as s:
-        s.execute(update(Job).where(Job.id == job_id).values(report={"best": {"q": 0.9}}))
+        s.execute(update(Job).where(Job.id == job_id).values(report=report))
         s.commit()
-    assert client.get(f"/v1/jobs/{job_id}/report", headers=auth).json() == {"best": {"q": 0.9}}
+    got = client.get(f"/v1/jobs/{job_id}/report", headers=auth).json()
+    assert got["chosen"]["id"] == 1 and [c["id"] for c in got["candidates"]] == [0, 1]
+    assert got["pareto"] == [{"candidate_id": 1, "metrics": report["candidates"][1]["metrics"]}]
+    assert got["ratios"] == report["ratios"] and got["manifest"] == report["manifest"]
     other = {"Authorization": f"Bearer {new_key(settings, 'tenant-b')}"}
     assert client.get(f"/v1/jobs/{job_id}/artifacts/model.onnx",
                       headers=other).status_code == 404
     assert client.get(f"/v1/jobs/{job_id}/report", headers=other).status_code == 404
+
+
+def test_head_gives_the_download_headers_without_a_body(client: TestClient,
+                                                       auth: dict[str, str],
+                                                       job_id: str) -> None:
+    """HEAD used to be 405: a client could not learn an artifact's size or ETag without
+    downloading it."""
+    url = f"/v1/jobs/{job_id}/artifacts/model.onnx"
+    r = client.head(url, headers=auth)
+    assert r.status_code == 200, r.text
+    assert r.content == b"" and int(r.headers["content-length"]) == len(DATA)
+    assert r.headers["etag"] == f'"{hashlib.sha256(DATA).hexdigest()}"'
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert client.head(url, headers={**auth, "If-None-Match": r.headers["etag"]}
+                       ).status_code == 304
+    assert client.head(f"/v1/jobs/{job_id}/artifacts/nope", headers=auth).status_code == 404
+    assert client.head(url).status_code == 401
+
+
+def test_a_failed_job_serves_its_report(client: TestClient, auth: dict[str, str],
+                                        job_id: str, settings: Settings) -> None:
+    """constraints_unsatisfiable: the candidates were measured and the best one stored, so
+    the report is there (typed: every candidate with its id, the front with metrics)."""
+    _, report = sample_result()
+    report = {**report, "status": "constraints_unsatisfiable"}
+    with session_factory(settings)() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(
+            status="failed", error_code="constraints_unsatisfiable", report=report))
+        s.commit()
+    r = client.get(f"/v1/jobs/{job_id}/report", headers=auth)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "constraints_unsatisfiable"
+    assert r.json()["pareto"][0]["metrics"]["size_bytes"] == 21_000
+    with session_factory(settings)() as s:  # a job that failed before measuring anything
+        s.execute(update(Job).where(Job.id == job_id).values(error_code="timeout",
+                                                             report=None))
+        s.commit()
+    r = client.get(f"/v1/jobs/{job_id}/report", headers=auth)
+    assert r.status_code == 409 and "yet" not in r.json()["detail"], r.text
+    assert "failed (timeout) without a report" in r.json()["detail"]

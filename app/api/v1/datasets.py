@@ -9,7 +9,7 @@ from app.api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.idempotency import replay
 from app.api.responses import AUTHED, READ, problems
 from app.api.uploads import filename_from, store_upload
-from app.api.v1.models import CREATED, IdemHeader
+from app.api.v1.models import CREATED, ContentDisposition, IdemHeader, XFilename
 from app.db.repositories import datasets as repo
 from app.db.repositories.pagination import CursorError
 from app.errors import NotFound, ValidationFailed
@@ -28,7 +28,8 @@ async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDe
                          store: StoreDep, settings: SettingsDep,
                          model_id: Annotated[str, Query(max_length=64)],
                          filename: Annotated[str | None, Query(max_length=255)] = None,
-                         idempotency_key: IdemHeader = None) -> Response:
+                         idempotency_key: IdemHeader = None, x_filename: XFilename = None,
+                         content_disposition: ContentDisposition = None) -> Response:
     """Upload a `.npz` or `.safetensors` file (keys = the model's input names, optional
     `labels`) as the raw request body; it is validated against `model_id`'s inputs."""
     fp = idem.fingerprint("POST", request.url.path, request.url.query)
@@ -37,7 +38,7 @@ async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDe
                                          fp)
         if stored is not None:
             return replay(stored)
-    name = clean_filename(filename_from(request, filename))
+    name = clean_filename(filename_from(filename, x_filename, content_disposition))
     return await store_upload(
         request, session, store, tenant.tenant_id, idempotency_key, fp, kind="dataset",
         name=name, cap_bytes=settings.max_dataset_bytes, settings=settings,

@@ -4,8 +4,8 @@ import re
 from typing import Annotated, Any
 
 from anyio import to_thread
-from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from starlette.convertors import StringConvertor, register_url_convertor
 
 from app.api.deps import (
@@ -27,7 +27,15 @@ from app.api.v1.models import LOCATION, IdemHeader
 from app.db.repositories import artifacts as artifact_repo
 from app.db.repositories.pagination import CursorError
 from app.errors import Conflict, NotFound, RangeNotSatisfiable, ValidationFailed
-from app.schemas.jobs import ArtifactList, ArtifactOut, JobCreate, JobOut, JobPage, JobStatusName
+from app.schemas.jobs import (
+    ArtifactList,
+    ArtifactOut,
+    JobCreate,
+    JobOut,
+    JobPage,
+    JobReport,
+    JobStatusName,
+)
 from app.services import idempotency as idem
 from app.services import jobs as service
 from app.services import ratelimit
@@ -119,17 +127,18 @@ def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
     return out
 
 
-REPORT: Responses = {200: {"description": "The job's report",
-                           "content": {"application/json": {"schema": {"type": "object"}}}},
-                     **STATEFUL}
-
-
-@router.get("/{job_id:job_id}/report", responses=REPORT)
-def get_report(job_id: str, tenant: TenantDep, session: SessionDep) -> JSONResponse:
+@router.get("/{job_id:job_id}/report", response_model=JobReport, responses=STATEFUL)
+def get_job_report(job_id: str, tenant: TenantDep, session: SessionDep) -> JobReport:
+    """The job's result: baseline, chosen candidate, every candidate, the Pareto front, the
+    ratios and the manifest. A failed job has one when its candidates were measured
+    (`constraints_unsatisfiable`); 409 when it has none."""
     job = service.get_job(session, tenant.tenant_id, job_id)
     if job.report is None:
-        raise Conflict(f"job {job_id} has no report yet (status {job.status})")
-    return JSONResponse(job.report)
+        if job.status in ("queued", "running"):
+            raise Conflict(f"job {job_id} has no report yet (status {job.status})")
+        raise Conflict(f"job {job_id} ended {job.status} "
+                       f"({job.error_code or 'no error code'}) without a report")
+    return JobReport.model_validate(job.report)
 
 
 @router.get("/{job_id:job_id}/artifacts", response_model=ArtifactList, responses=READ)
@@ -170,48 +179,81 @@ def _etag_matches(header: str, etag: str) -> bool:
     return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
 
 
-# An artifact's own type: the ONNX model and its .data are octet streams, model.pt2 a zip,
-# report.json JSON (see CONTENT_TYPES in app/services/pipeline.py).
-_BINARY = {t: {"schema": {"type": "string", "format": "binary"}}
-           for t in ("application/octet-stream", "application/zip")}
-_FILE = {**_BINARY, "application/json": {"schema": {"type": "object"}}}
-_ETAG = {"ETag": {"description": '"<sha256>"', "schema": {"type": "string"}}}
+# Every artifact is sent as an octet stream (the artifact list gives each one's own type):
+# one binary media type, so a generated client returns the bytes and never parses JSON.
+BINARY = "application/octet-stream"
+_FILE = {BINARY: {"schema": {"type": "string", "format": "binary"}}}
+_STR = {"schema": {"type": "string"}}
+_ETAG = {"ETag": {"description": '"<sha256>"', **_STR}}
+_SENT = {**_ETAG, "Content-Length": {"description": "bytes", "schema": {"type": "integer"}},
+         "Accept-Ranges": {"description": "bytes", **_STR}}
 DOWNLOAD_RESPONSES: Responses = {
-    200: {"description": "The artifact", "content": _FILE, "headers": _ETAG},
-    # A range of report.json is application/json too, but not a JSON document by itself.
-    206: {"description": "Partial content (Range)",
-          "content": {**_BINARY, "application/json": {}},
-          "headers": {**_ETAG, "Content-Range": {"schema": {"type": "string"}}}},
+    200: {"description": "The artifact", "content": _FILE, "headers": _SENT},
+    206: {"description": "Partial content (Range)", "content": _FILE,
+          "headers": {**_SENT, "Content-Range": _STR}},
     304: {"description": "Not modified (If-None-Match)", "headers": _ETAG},
     **problems(*AUTHED, 404, 416)}
+HEAD_RESPONSES: Responses = {
+    200: {"description": "The artifact's headers, no body", "headers": _SENT},
+    304: {"description": "Not modified (If-None-Match)", "headers": _ETAG},
+    **problems(*AUTHED, 404)}
+
+RangeHeader = Annotated[str | None, Header(
+    alias="Range", max_length=200, description="`bytes=START-END`, `bytes=START-` or "
+                                               "`bytes=-SUFFIX` (one range)")]
+IfNoneMatch = Annotated[str | None, Header(
+    alias="If-None-Match", max_length=2000, description='`"<sha256>"`: 304 when unchanged')]
+IfRange = Annotated[str | None, Header(
+    alias="If-Range", max_length=200,
+    description='`"<sha256>"`: the Range applies only while the ETag matches')]
 
 
-@router.get("/{job_id:job_id}/artifacts/{name}", responses=DOWNLOAD_RESPONSES)
-def download_artifact(job_id: str, name: str, request: Request, tenant: TenantDep,
-                      session: SessionDep, store: StoreDep) -> Any:
-    """Stream an artifact. Strong `ETag` = `"<sha256>"`; `Range` and `If-None-Match` work."""
-    job = service.get_job(session, tenant.tenant_id, job_id)
+def _artifact(session: Any, tenant_id: str, job_id: str, name: str) -> Any:
+    job = service.get_job(session, tenant_id, job_id)
     art = artifact_repo.get(session, job.id, name)
     if art is None:
         raise NotFound(f"job {job_id} has no artifact {name!r}")
-    etag = f'"{art.sha256}"'
-    headers = {"ETag": etag, "Accept-Ranges": "bytes",
-               "Content-Disposition": f'attachment; filename="{name}"',
-               "Cache-Control": "private, max-age=0, must-revalidate"}
-    inm = request.headers.get("if-none-match")
-    if inm and _etag_matches(inm, etag):
+    return art
+
+
+def _headers(art: Any, name: str) -> dict[str, str]:
+    return {"ETag": f'"{art.sha256}"', "Accept-Ranges": "bytes",
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "Cache-Control": "private, max-age=0, must-revalidate"}
+
+
+@router.get("/{job_id:job_id}/artifacts/{name}", responses=DOWNLOAD_RESPONSES,
+            response_class=Response)
+def download_artifact(job_id: str, name: str, tenant: TenantDep, session: SessionDep,
+                      store: StoreDep, range_: RangeHeader = None,
+                      if_none_match: IfNoneMatch = None, if_range: IfRange = None) -> Any:
+    """Stream an artifact. Strong `ETag` = `"<sha256>"`; `Range` and `If-None-Match` work."""
+    art = _artifact(session, tenant.tenant_id, job_id, name)
+    headers = _headers(art, name)
+    etag = headers["ETag"]
+    if if_none_match and _etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     size = art.size_bytes
-    rng = request.headers.get("range")
-    if_range = request.headers.get("if-range")
-    if rng and (if_range is None or if_range.strip() == etag):
-        span = parse_range(rng, size)
+    if range_ and (if_range is None or if_range.strip() == etag):
+        span = parse_range(range_, size)
         if span is not None:
             start, end = span
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
             headers["Content-Length"] = str(end - start)
             return StreamingResponse(store.open(art.storage_key, start, end), status_code=206,
-                                     media_type=art.content_type, headers=headers)
+                                     media_type=BINARY, headers=headers)
     headers["Content-Length"] = str(size)
-    return StreamingResponse(store.open(art.storage_key), media_type=art.content_type,
-                             headers=headers)
+    return StreamingResponse(store.open(art.storage_key), media_type=BINARY, headers=headers)
+
+
+@router.head("/{job_id:job_id}/artifacts/{name}", responses=HEAD_RESPONSES,
+             response_class=Response)
+def head_artifact(job_id: str, name: str, tenant: TenantDep, session: SessionDep,
+                  if_none_match: IfNoneMatch = None) -> Response:
+    """The download's headers (size, `ETag`) without its body (RFC 9110 §9.3.2)."""
+    art = _artifact(session, tenant.tenant_id, job_id, name)
+    headers = _headers(art, name)
+    if if_none_match and _etag_matches(if_none_match, headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    headers["Content-Length"] = str(art.size_bytes)
+    return Response(status_code=200, headers=headers, media_type=BINARY)

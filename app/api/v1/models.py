@@ -18,7 +18,13 @@ from app.services.uploads import clean_filename, ingest_model, model_format
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+IdemHeader = Annotated[str | None, Header(
+    alias="Idempotency-Key", max_length=255,
+    description="a retry with the same key returns the first response")]
+# The file name, if not in ?filename= (what curl -T and browsers send).
+XFilename = Annotated[str | None, Header(alias="X-Filename", max_length=255)]
+ContentDisposition = Annotated[str | None, Header(
+    alias="Content-Disposition", max_length=1000, description='`attachment; filename="m.pt2"`')]
 LOCATION = {"Location": {"description": "URL of the new resource", "schema": {"type": "string"}}}
 CREATED: dict[int | str, dict[str, Any]] = {
     201: {"description": "Stored and validated", "headers": LOCATION}, **UPLOAD}
@@ -31,7 +37,8 @@ CREATED: dict[int | str, dict[str, Any]] = {
 async def upload_model(request: Request, tenant: TenantDep, session: SessionDep,
                        store: StoreDep, settings: SettingsDep,
                        filename: Annotated[str | None, Query(max_length=255)] = None,
-                       idempotency_key: IdemHeader = None) -> Response:
+                       idempotency_key: IdemHeader = None, x_filename: XFilename = None,
+                       content_disposition: ContentDisposition = None) -> Response:
     """Upload a `.pt2` (torch.export.save) or `.onnx` file as the raw request body."""
     fp = idem.fingerprint("POST", request.url.path, request.url.query)
     if idempotency_key:
@@ -39,7 +46,7 @@ async def upload_model(request: Request, tenant: TenantDep, session: SessionDep,
                                          fp)
         if stored is not None:
             return replay(stored)
-    name = clean_filename(filename_from(request, filename))
+    name = clean_filename(filename_from(filename, x_filename, content_disposition))
     return await store_upload(
         request, session, store, tenant.tenant_id, idempotency_key, fp, kind="model",
         name=name, cap_bytes=settings.max_model_bytes, settings=settings,
