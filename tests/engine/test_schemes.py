@@ -38,15 +38,19 @@ def test_every_registered_scheme_builds(x: torch.Tensor, tmp_path: Path) -> None
     ex = (x[:4],)
     calib = [(x[:64],), (x[64:128],)]
     sizes, outs = {}, {}
-    for name, scheme in schemes.SCHEMES.items():
+    # int8_static_dw_fp32 is int8_static on a model without depthwise convs: built on DWCNN
+    # in test_depthwise_fp32_scheme_keeps_depthwise_convs_fp32 (one PT2E build saved here)
+    names = [n for n in schemes.NAMES if n != "int8_static_dw_fp32"]
+    for name in names:
+        scheme = schemes.get(name)
         got, path = scheme.to_onnx(model, ex, tmp_path / f"{name}.onnx", calib)
         assert (got is model) == (scheme.method != "pt2e")
         sizes[name] = path.stat().st_size
         outs[name] = onnx_outputs(path, (x[:256],))[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        f"{n}.onnx" for n in schemes.NAMES)  # no temporary file left
+        f"{n}.onnx" for n in names)  # no temporary file left
     ref = outs["none"]
-    for name in schemes.NAMES:
+    for name in names:
         ratio = sizes["none"] / sizes[name]
         if name.startswith("int8"):
             assert ratio >= 2.5, (name, ratio)
