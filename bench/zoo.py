@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.engine import pipeline
 from app.engine.stages.evaluate import cosine, latency_ms, make_session
 from app.engine.stages.export import export_onnx
-from app.engine.stages.quantize import quantize_onnx_dynamic, quantize_onnx_static
 from app.engine.types import Constraints, JobSpec
 from examples import hf_zoo
 
@@ -124,6 +123,35 @@ def side_by_side(paths: list[Path], data: dict[str, np.ndarray], batch: int, rep
     return [statistics.median(v) for v in per]
 
 
+def ort_quantize(src: Path, dst: Path, calib: list[dict[str, np.ndarray]] | None) -> Path:
+    """What a user does without ModelPress: ONNX Runtime's own one-call quantization
+    (``quantize_static`` QDQ per-channel with calibration, or ``quantize_dynamic`` per-channel),
+    called directly, not through the engine's schemes (which are what is being compared)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    if calib is None:
+        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8)
+        return dst
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(calib)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return dst
+
+
 def bench_model(name: str, out: Path, args: argparse.Namespace) -> Run:
     run = Run(name)
     d = out / name
@@ -142,12 +170,11 @@ def bench_model(name: str, out: Path, args: argparse.Namespace) -> Run:
     ctl = d / "fp32_ctl.onnx"
     shutil.copyfile(fp32, ctl)
     ort_q = d / "ort_quant.onnx"
+    calib = None
     if name in STATIC_ORT:
         sess = make_session(fp32, threads=THREADS)
         calib = [feed(sess, train, np.arange(i, i + 32)) for i in range(0, 256, 32)]
-        quantize_onnx_static(fp32, ort_q, calib, per_channel=True)
-    else:
-        quantize_onnx_dynamic(fp32, ort_q, per_channel=True)
+    ort_quantize(fp32, ort_q, calib)
     print(f"[{name}] {run.info['parameters'] / 1e3:.0f}k params, trained in "
           f"{run.info['train_s']:.0f} s", flush=True)
 
