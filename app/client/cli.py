@@ -149,6 +149,8 @@ def print_metrics(metrics: dict[str, Any] | None) -> None:
     if cands:
         feasible = sum(1 for c in cands if c.get("feasible"))
         print(f"candidates {len(cands)} evaluated, {feasible} feasible")
+    for line in metrics.get("warnings") or []:
+        print(f"warning    {line}")
 
 
 # --- commands -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -198,6 +199,7 @@ class StageEvaluator:
         self.clock = clock
         self.skip_depthwise = SKIP_DEPTHWISE and _has_depthwise(teacher)
         self._n = 0
+        self._pruned: dict[tuple[float, str, str, int], nn.Module] = {}  # see structure()
         clock.progress("baseline", 0.0, "exporting the fp32 baseline to ONNX")
         self.baseline_onnx = export_onnx(teacher, example_inputs, workdir / "baseline.onnx")
         self._base_sess = make_session(self.baseline_onnx, threads=constraints.threads)
@@ -292,9 +294,25 @@ class StageEvaluator:
                 raise InvalidRecipe(f"unknown quantization scheme {recipe.quant!r}")
         return Built(recipe, fp32, fp32, path)
 
+    def structure(self, recipe: Recipe) -> str:
+        """Fingerprint of the pruned model (parameter names, shapes, non-zero count): equal
+        for candidates whose pruning changed nothing. The pruned model is kept for build()."""
+        from app.engine.stages.prune import structure_fingerprint
+
+        key = (recipe.prune_ratio, recipe.prune_mode, recipe.importance, recipe.round_to)
+        if key not in self._pruned:
+            _seed_all(recipe.seed)
+            self._pruned[key] = self._prune(recipe)
+        return structure_fingerprint(self._pruned[key])
+
     def _prune(self, recipe: Recipe) -> nn.Module:
         from app.engine.stages.prune import PruneConfig, prune
 
+        key = (recipe.prune_ratio, recipe.prune_mode, recipe.importance, recipe.round_to)
+        if key in self._pruned:  # pruned once per ratio, whatever the quant schemes built on it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec on deepcopy
+                return copy.deepcopy(self._pruned[key])
         if recipe.prune_ratio <= 0:
             return copy.deepcopy(self.teacher)
         grad_batches = None
@@ -305,7 +323,8 @@ class StageEvaluator:
                     grad_batches.append((x, self.teacher(*x)))
         cfg = PruneConfig(ratio=recipe.prune_ratio, mode=recipe.prune_mode,
                           importance=recipe.importance, round_to=recipe.round_to)
-        return prune(self.teacher, self.example_inputs, cfg, grad_batches=grad_batches)
+        return prune(self.teacher, self.example_inputs, cfg, grad_batches=grad_batches,
+                     calib_batches=self._calib())
 
     def build(self, recipe: Recipe) -> Built:
         from app.engine.stages.quantize import quantize_static
@@ -443,6 +462,12 @@ def _run(
                          on_progress=clock.progress)
     best: Candidate = outcome.best
     chosen: Built = outcome.built[outcome.best_index]
+    pruning = _pruning_report(teacher, example_inputs)
+    warnings_ = list(outcome.warnings)
+    wants_pruning = spec.recipe is None or (spec.recipe.prune_ratio > 0
+                                            and spec.recipe.prune_mode == "structured")
+    if wants_pruning and not pruning.prunable:
+        warnings_.insert(0, pruning.summary())
 
     # -- export -------------------------------------------------------------------------------
     clock.progress("export", 0.0, "writing model.onnx, model.pt2, report.json")
@@ -482,6 +507,8 @@ def _run(
         "candidates": [x.to_dict() for x in outcome.candidates],
         "pareto_front": outcome.front,
         "skipped": outcome.skipped,
+        "pruning": pruning.to_dict(),
+        "warnings": warnings_,
         "ratios": {
             "size": ev.baseline.size_bytes / max(best.metrics.size_bytes, 1),
             "speedup": ev.baseline.latency_p50_ms / max(best.metrics.latency_p50_ms, 1e-9),
@@ -509,4 +536,12 @@ def _run(
                    "candidates.json": cand_out},
         report=report,
         message=message,
+        warnings=warnings_,
     )
+
+
+def _pruning_report(teacher: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Any:
+    """Which layers structured pruning may narrow and why the others stay whole."""
+    from app.engine.stages.prune import prunability
+
+    return prunability(teacher, example_inputs)

@@ -203,3 +203,4 @@ class Result:
     artifacts: dict[str, Path]  # name ("model.onnx", "model.pt2", "report.json", ...) -> file
     report: dict[str, Any]
     message: str = ""
+    warnings: list[str] = field(default_factory=list)  # plain lines for the user (CLI, job)

@@ -278,6 +278,7 @@ def _commit_outcome(sessions: sessionmaker[Session], inp: _Inputs, result: Resul
                  "feasible": result.best.feasible, "reasons": list(result.best.reasons)},
         "candidates": [_candidate_summary(c) for c in result.candidates],
         "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
+        "warnings": list(result.warnings),
     })
     ok = result.status == "succeeded"
     with sessions() as s:

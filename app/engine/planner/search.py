@@ -65,6 +65,10 @@ class Evaluator(Protocol):
         """Size, quality on held-out data, latency side by side with the baseline."""
         ...
 
+    def structure(self, recipe: Recipe) -> str:
+        """Fingerprint of ``recipe``'s pruned model: equal when pruning changed nothing."""
+        ...
+
     def distill(self, built: Any, epochs: int, time_budget_s: float) -> Any:
         """Quantization-aware KD of ``built``'s pruned model; returns the converted candidate."""
         ...
@@ -113,6 +117,7 @@ class Outcome:
     built: list[Any]  # parallel to candidates
     front: list[int]
     skipped: list[dict[str, str]] = field(default_factory=list)  # grid points that failed to build
+    warnings: list[str] = field(default_factory=list)  # for the user: e.g. pruning changed nothing
 
     @property
     def best(self) -> Candidate:
@@ -197,6 +202,10 @@ def search(
     built: list[Any] = []
     skipped: list[dict[str, str]] = []
     build_s: list[float] = []  # seconds per cheap build: estimates convert + export after KD
+    # A pruned model equal in structure to one already built (or to the baseline) is the same
+    # candidate: built once, and the user is told that pruning changed nothing.
+    seen: dict[tuple[str, str], float] = {}
+    same_as: dict[float, float] = {}  # prune ratio -> the ratio it duplicates
     for k, recipe in enumerate(grid):
         if built and clock() > deadline:
             skipped.extend({"recipe": str(r.to_dict()), "error": "not built: time budget"}
@@ -206,6 +215,13 @@ def search(
                  f"{recipe.prune_ratio:.0%}, quant {recipe.quant}")
         t0 = clock()
         try:
+            if not seen:
+                seen[(ev.structure(replace(recipe, prune_ratio=0.0)), "none")] = 0.0
+            key = (ev.structure(recipe), recipe.quant)
+            if key in seen:
+                same_as[recipe.prune_ratio] = seen[key]
+                continue
+            seen[key] = recipe.prune_ratio
             built.append(ev.build(recipe))
             build_s.append(clock() - t0)
         except Exception as e:  # one grid point failing to build must not sink the search
@@ -215,6 +231,7 @@ def search(
                 raise
             skipped.append({"recipe": str(recipe.to_dict()), "error": f"{type(e).__name__}: {e}"})
         progress("quantize", (k + 1) / len(grid), f"built {k + 1}/{len(grid)} candidates")
+    warnings = [_duplicates_warning(same_as)] if same_as else []
     if not built:
         from app.engine.errors import InvalidRecipe
 
@@ -272,7 +289,18 @@ def search(
 
     status, best = choose(candidates, baseline, constraints)
     return Outcome(status=status, best_index=best, candidates=candidates, built=built,
-                   front=pareto_front(candidates), skipped=skipped)
+                   front=pareto_front(candidates), skipped=skipped, warnings=warnings)
+
+
+def _duplicates_warning(same_as: dict[float, float]) -> str:
+    """One line: which prune ratios produced a model identical to a less pruned one."""
+    by_target: dict[float, list[float]] = {}
+    for ratio, target in sorted(same_as.items()):
+        by_target.setdefault(target, []).append(ratio)
+    parts = [f"prune {', '.join(f'{r:.0%}' for r in rs)} left the model as prune {t:.0%}"
+             for t, rs in sorted(by_target.items())]
+    return ("structured pruning changed nothing: " + "; ".join(parts)
+            + " (same structure); those candidates were built once")
 
 
 def run_recipe(ev: Evaluator, recipe: Recipe, constraints: Constraints, *, deadline: float,
