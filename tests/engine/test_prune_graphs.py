@@ -19,6 +19,7 @@ from transformers.models.mobilenet_v2.modeling_mobilenet_v2 import (
     MobileNetV2InvertedResidual,
 )
 
+from app.engine.errors import InvalidRecipe
 from app.engine.graph import modularize
 from app.engine.pipeline import run
 from app.engine.planner.search import SearchSpace
@@ -242,3 +243,16 @@ def test_structure_fingerprint_tells_identical_prunes_apart() -> None:
     assert len(set(fp.values())) == 3
     half = prune(mlp, (torch.randn(4, 8, 8),), PruneConfig(0.5))
     assert _n(half) == 64 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10  # hidden 32 -> 16
+
+
+def test_criteria_registry_is_the_recipe_enum() -> None:
+    from typing import get_args
+
+    from app.engine.stages.prune import CRITERIA
+    from app.engine.types import Importance
+    from app.schemas.jobs import RecipeIn
+
+    assert set(CRITERIA) == set(get_args(Importance)) == {"l2", "taylor"}
+    assert set(get_args(RecipeIn.model_fields["importance"].annotation)) == set(CRITERIA)
+    with pytest.raises(InvalidRecipe, match="known: l2, taylor"):
+        PruneConfig(ratio=0.5, importance="fisher")  # type: ignore[arg-type]

@@ -438,7 +438,8 @@ class _Analysis:
 
     def _cat(self, node: Node) -> None:
         args: Any = node.args
-        dim = int(args[1]) if len(args) > 1 else int(node.kwargs.get("dim", 0))
+        kwargs: Any = node.kwargs
+        dim = int(args[1]) if len(args) > 1 else int(kwargs.get("dim", 0))
         r = len(_shape(node) or ())
         parts = [self.track.get(a) if isinstance(a, Node) else None for a in args[0]]
         if r and all(p is not None and p[1] == dim % r for p in parts):
