@@ -22,6 +22,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -200,6 +201,7 @@ class StageEvaluator:
         self.clock = clock
         self.warnings: list[str] = []  # for the user: what a scheme left in fp32, once each
         self._n = 0
+        self._pruned: dict[tuple[float, str, str, int], nn.Module] = {}  # see structure()
         clock.progress("baseline", 0.0, "exporting the fp32 baseline to ONNX")
         self.baseline_onnx = export_onnx(teacher, example_inputs, workdir / "baseline.onnx")
         self._base_sess = make_session(self.baseline_onnx, threads=constraints.threads)
@@ -297,9 +299,25 @@ class StageEvaluator:
         self.warnings.extend(w for w in scheme.notes(path) if w not in self.warnings)
         return Built(recipe, fp32, model, path)
 
+    def structure(self, recipe: Recipe) -> str:
+        """Fingerprint of the pruned model (parameter names, shapes, non-zero count): equal
+        for candidates whose pruning changed nothing. The pruned model is kept for build()."""
+        from app.engine.stages.prune import structure_fingerprint
+
+        key = (recipe.prune_ratio, recipe.prune_mode, recipe.importance, recipe.round_to)
+        if key not in self._pruned:
+            _seed_all(recipe.seed)
+            self._pruned[key] = self._prune(recipe)
+        return structure_fingerprint(self._pruned[key])
+
     def _prune(self, recipe: Recipe) -> nn.Module:
         from app.engine.stages.prune import PruneConfig, prune
 
+        key = (recipe.prune_ratio, recipe.prune_mode, recipe.importance, recipe.round_to)
+        if key in self._pruned:  # pruned once per ratio, whatever the quant schemes built on it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec on deepcopy
+                return copy.deepcopy(self._pruned[key])
         if recipe.prune_ratio <= 0:
             return copy.deepcopy(self.teacher)
         grad_batches = None
@@ -310,7 +328,8 @@ class StageEvaluator:
                     grad_batches.append((x, self.teacher(*x)))
         cfg = PruneConfig(ratio=recipe.prune_ratio, mode=recipe.prune_mode,
                           importance=recipe.importance, round_to=recipe.round_to)
-        return prune(self.teacher, self.example_inputs, cfg, grad_batches=grad_batches)
+        return prune(self.teacher, self.example_inputs, cfg, grad_batches=grad_batches,
+                     calib_batches=self._calib())
 
     def build(self, recipe: Recipe) -> Built:
         from app.engine.schemes import get
@@ -450,6 +469,14 @@ def _run(
                          on_progress=clock.progress)
     best: Candidate = outcome.best
     chosen: Built = outcome.built[outcome.best_index]
+    pruning = _pruning_report(teacher, example_inputs)
+    # Plain lines for the user (report.json, Result, CLIs, job result), most basic first.
+    notes: list[str] = []
+    wants_pruning = spec.recipe is None or (spec.recipe.prune_ratio > 0
+                                            and spec.recipe.prune_mode == "structured")
+    if wants_pruning and not pruning.prunable:
+        notes.append(pruning.summary())
+    notes += [*outcome.warnings, *(w for w in ev.warnings if w not in outcome.warnings)]
 
     # -- export -------------------------------------------------------------------------------
     clock.progress("export", 0.0, "writing model.onnx, model.pt2, report.json")
@@ -465,7 +492,6 @@ def _run(
         {"candidates": [x.to_dict() for x in outcome.candidates], "pareto_front": outcome.front},
         indent=2))
 
-    warnings = [*outcome.warnings, *ev.warnings]
     if outcome.status == "succeeded":
         message = (f"chosen: prune {best.recipe.prune_ratio:.0%}, {best.recipe.quant}, "
                    f"{best.recipe.distill_epochs} distillation epochs")
@@ -473,10 +499,9 @@ def _run(
         message = ("no candidate meets the constraints; closest: "
                    f"prune {best.recipe.prune_ratio:.0%}, {best.recipe.quant}: "
                    + "; ".join(best.reasons))
-    # Plain lines for the user; other checks append theirs.
-    warnings = holdout_warnings(ev.scorer.kind, ev.baseline.quality,
-                                best.metrics.quality_drop_ci95, holdout.samples,
-                                c.max_accuracy_drop)
+    notes += holdout_warnings(ev.scorer.kind, ev.baseline.quality,
+                              best.metrics.quality_drop_ci95, holdout.samples,
+                              c.max_accuracy_drop)
     inputs_manifest = {"model": _file_entry(model_path), "data": _file_entry(data_path)}
     if eval_data_path is not None:
         inputs_manifest["eval_data"] = _file_entry(Path(eval_data_path))
@@ -494,7 +519,8 @@ def _run(
         "candidates": [x.to_dict() for x in outcome.candidates],
         "pareto_front": outcome.front,
         "skipped": outcome.skipped,
-        "warnings": warnings,
+        "pruning": pruning.to_dict(),
+        "warnings": notes,
         "ratios": {
             "size": ev.baseline.size_bytes / max(best.metrics.size_bytes, 1),
             "speedup": ev.baseline.latency_p50_ms / max(best.metrics.latency_p50_ms, 1e-9),
@@ -522,5 +548,12 @@ def _run(
                    "candidates.json": cand_out},
         report=report,
         message=message,
-        warnings=warnings,
+        warnings=notes,
     )
+
+
+def _pruning_report(teacher: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Any:
+    """Which layers structured pruning may narrow and why the others stay whole."""
+    from app.engine.stages.prune import prunability
+
+    return prunability(teacher, example_inputs)

@@ -68,6 +68,10 @@ class Evaluator(Protocol):
         """Size, quality on held-out data, latency side by side with the baseline."""
         ...
 
+    def structure(self, recipe: Recipe) -> str:
+        """Fingerprint of ``recipe``'s pruned model: equal when pruning changed nothing."""
+        ...
+
     def distill(self, built: Any, epochs: int, time_budget_s: float) -> Any:
         """Quantization-aware KD of ``built``'s pruned model; returns the converted candidate."""
         ...
@@ -209,6 +213,10 @@ def search(
     warnings: list[str] = []
     failed: set[str] = set()  # quantization schemes that failed on this model
     build_s: list[float] = []  # seconds per cheap build: estimates convert + export after KD
+    # A pruned model equal in structure to one already built (or to the baseline) is the same
+    # candidate: built once, and the user is told that pruning changed nothing.
+    seen: dict[tuple[str, str], float] = {}
+    same_as: dict[float, float] = {}  # prune ratio -> the ratio it duplicates
     k = 0
     while k < len(grid):
         recipe = grid[k]
@@ -220,6 +228,13 @@ def search(
                  f"{recipe.prune_ratio:.0%}, quant {recipe.quant}")
         t0 = clock()
         try:
+            if not seen:
+                seen[(ev.structure(replace(recipe, prune_ratio=0.0)), "none")] = 0.0
+            key = (ev.structure(recipe), recipe.quant)
+            if key in seen:
+                same_as[recipe.prune_ratio] = seen[key]
+                continue
+            seen[key] = recipe.prune_ratio
             built.append(ev.build(recipe))
             build_s.append(clock() - t0)
         except Exception as e:  # one grid point failing to build must not sink the search
@@ -238,6 +253,8 @@ def search(
                 continue  # grid[k] is now the fallback (or the next candidate)
         progress("quantize", (k + 1) / len(grid), f"built {k + 1}/{len(grid)} candidates")
         k += 1
+    if same_as:
+        warnings.append(_duplicates_warning(same_as))
     if not built:
         from app.engine.errors import InvalidRecipe
 
@@ -327,6 +344,17 @@ def _fall_back(grid: list[Recipe], k: int, scheme: str, failed: set[str],
         rest.append(replace(r, quant=alt))
     line = f"trying {alt} instead" if alt is not None else "no fallback scheme left"
     return grid[:k] + rest, line
+
+
+def _duplicates_warning(same_as: dict[float, float]) -> str:
+    """One line: which prune ratios produced a model identical to a less pruned one."""
+    by_target: dict[float, list[float]] = {}
+    for ratio, target in sorted(same_as.items()):
+        by_target.setdefault(target, []).append(ratio)
+    parts = [f"prune {', '.join(f'{r:.0%}' for r in rs)} left the model as prune {t:.0%}"
+             for t, rs in sorted(by_target.items())]
+    return ("structured pruning changed nothing: " + "; ".join(parts)
+            + " (same structure); those candidates were built once")
 
 
 def run_recipe(ev: Evaluator, recipe: Recipe, constraints: Constraints, *, deadline: float,

@@ -2,42 +2,87 @@
 
 Structured pruning removes whole output channels of convolutions / linear layers together
 with everything coupled to them (batch-norm channels, the next layer's input channels, the
-other side of a residual add, the slice of a concat): the model gets physically smaller and
-faster in every runtime. Unstructured pruning only zeroes weights: same shapes, same
-speed; it pays off only once a compressor (zip, int8 + entropy coding) sees the zeros.
+other side of a residual add, the slice of a concat, depthwise convs, layer-scale
+parameters): the model gets physically smaller and faster in every runtime. Torch-Pruning's
+dependency graph finds that coupling on the module-ized graph; which layers may change width at
+all is decided first on the FX graph (:mod:`app.engine.stages.channels`), which says for every
+layer kept whole why (it reaches the graph output, attention heads whose sizes are baked into
+reshapes, ...). Unstructured pruning only zeroes weights: same shapes, same speed; it pays off
+only once a compressor (zip, int8 + entropy coding) sees the zeros.
 
-Which layers may change width is decided on the FX graph before Torch-Pruning runs
-(:func:`unsafe_layers`): a layer is kept at full width when its output channels reach
-something Torch-Pruning cannot follow (the graph output, a view/reshape with widths baked in,
-attention internals, a tensor that is not a layer output), so attention projections and the
-transformer embedding width stay intact while the FFN width is pruned.
+Removing channels shifts the statistics every following batch norm was trained on, so a
+pruned CNN outputs a near-constant vector until they are re-estimated: given
+``calib_batches``, :func:`prune` recalibrates batch-norm running statistics (no weight changes).
 """
 
 from __future__ import annotations
 
 import copy
-import operator
+import hashlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from app.engine.errors import EngineError, InvalidModel, InvalidRecipe
 from app.engine.graph import modularize_module
+from app.engine.stages.channels import Prunability, analyze, free_views
 from app.engine.types import Importance, ProgressFn, PruneMode
 
 aten = torch.ops.aten
 
 __all__ = [
-    "PruneConfig", "has_dynamic_batch", "prune", "reexport", "sparsity", "unsafe_layers",
+    "CRITERIA", "Criterion", "PruneConfig", "has_dynamic_batch", "prunability", "prune",
+    "reexport", "sparsity", "structure_fingerprint", "unsafe_layers",
 ]
 
 _STAGE = "prune"
+
+
+class Criterion:
+    """A structured-pruning criterion: how Torch-Pruning ranks the channels of a group.
+    A new criterion is one subclass here (``name`` is the recipe's ``importance`` value)."""
+
+    name: ClassVar[str]
+    needs_gradients: ClassVar[bool] = False  # True: loss gradients must be accumulated first
+
+    def importance(self) -> Any:
+        """The ``torch_pruning.importance`` object scoring each channel group."""
+        raise NotImplementedError
+
+
+CRITERIA: dict[str, type[Criterion]] = {}
+
+
+def _register(cls: type[Criterion]) -> type[Criterion]:
+    CRITERIA[cls.name] = cls
+    return cls
+
+
+@_register
+class L2Magnitude(Criterion):
+    """L2 norm of every weight a channel group owns (no data needed)."""
+
+    name = "l2"
+
+    def importance(self) -> Any:
+        return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+@_register
+class Taylor(Criterion):
+    """First-order Taylor estimate |w * dL/dw| of the loss change when a group is removed."""
+
+    name = "taylor"
+    needs_gradients = True
+
+    def importance(self) -> Any:
+        return tp.importance.GroupTaylorImportance()
 
 
 @dataclass(frozen=True)
@@ -58,8 +103,9 @@ class PruneConfig:
             raise InvalidRecipe(f"prune ratio must be in [0, 0.95], got {self.ratio}")
         if self.mode not in ("structured", "unstructured"):
             raise InvalidRecipe(f"unknown prune mode {self.mode!r}")
-        if self.importance not in ("l2", "taylor"):
-            raise InvalidRecipe(f"unknown importance {self.importance!r}")
+        if self.importance not in CRITERIA:
+            raise InvalidRecipe(f"unknown importance {self.importance!r}; "
+                                f"known: {', '.join(CRITERIA)}")
         if self.round_to < 0:
             raise InvalidRecipe(f"round_to must be >= 0, got {self.round_to}")
 
@@ -70,6 +116,7 @@ def prune(
     config: PruneConfig,
     *,
     grad_batches: Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor]] | None = None,
+    calib_batches: Sequence[tuple[torch.Tensor, ...]] | None = None,
     on_progress: ProgressFn | None = None,
 ) -> nn.Module:
     """Return a pruned copy of ``model`` (the argument is never modified), in eval mode.
@@ -81,7 +128,8 @@ def prune(
     ``grad_batches`` holds (inputs, target) pairs: integer class targets give cross-entropy;
     float targets of shape (N, C) (teacher logits) give cross-entropy to the teacher's top-1,
     which unlike KL/MSE to the model's own logits has a non-zero gradient; other float targets
-    give MSE. Taylor without usable gradients falls back to L2 magnitude.
+    give MSE. Taylor without usable gradients falls back to L2 magnitude. ``calib_batches``
+    (model inputs, a few hundred samples) re-estimate batch-norm statistics after pruning.
     """
     report = on_progress or _no_progress
     report(_STAGE, 0.0, f"{config.mode} pruning, ratio {config.ratio:g}")
@@ -96,9 +144,17 @@ def prune(
 
     before = _count_params(net)
     out_before = _output_shapes(net, example_inputs)
-    ignored = unsafe_layers(net)
-    report(_STAGE, 0.2, f"{len(ignored)} layers kept at full width")
-    importance = _importance(config, net, grad_batches)
+    info = analyze(net)
+    report(_STAGE, 0.2, info.summary())
+    modules = dict(net.named_modules())
+    ignored = [modules[name] for name in info.kept]
+    if not info.prunable:
+        report(_STAGE, 1.0, "nothing pruned")
+        return net.eval()
+    free_views(net, info)  # literal channel sizes of views become -1: they follow the pruning
+    criterion = CRITERIA[config.importance]()
+    if criterion.needs_gradients and not grad_batches:
+        raise InvalidRecipe(f"{config.importance} importance needs grad_batches (inputs, targets)")
     try:
         with warnings.catch_warnings():
             # Non-layer parameters (a positional embedding) make TP warn that it would prune
@@ -107,17 +163,17 @@ def prune(
             pruner = tp.pruner.BasePruner(
                 net,
                 example_inputs,
-                importance=importance,
+                importance=criterion.importance(),
                 pruning_ratio=config.ratio,
                 pruning_ratio_dict=_layer_ratios(net, ignored, config),
                 ignored_layers=ignored,
                 round_to=config.round_to if config.round_to > 1 else None,
                 global_pruning=False,
             )
-        if isinstance(importance, tp.importance.GroupTaylorImportance):
-            report(_STAGE, 0.4, "taylor: accumulating gradients")
+        if criterion.needs_gradients:
+            report(_STAGE, 0.4, f"{config.importance}: accumulating gradients")
             if not _accumulate_grads(net, grad_batches or ()):
-                pruner.importance = tp.importance.GroupMagnitudeImportance(p=2)
+                pruner.importance = L2Magnitude().importance()
         report(_STAGE, 0.6, "removing channels")
         with torch.no_grad():
             pruner.step()
@@ -131,6 +187,9 @@ def prune(
         ) from exc
     net.zero_grad(set_to_none=True)
     net.recompile()
+    if calib_batches:
+        report(_STAGE, 0.8, "re-estimating batch-norm statistics")
+        _recalibrate_batch_norm(net, calib_batches)
     net.eval()
     try:
         out_after = _output_shapes(net, example_inputs)
@@ -147,6 +206,49 @@ def prune(
     after = _count_params(net)
     report(_STAGE, 1.0, f"parameters {before} -> {after}")
     return net
+
+
+def prunability(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Prunability:
+    """Which conv / linear layers of ``model`` structured pruning may narrow, and why the
+    others stay whole (:mod:`app.engine.stages.channels`); ``model`` is not modified."""
+    return analyze(_working_copy(model, example_inputs))
+
+
+def unsafe_layers(gm: GraphModule) -> list[nn.Module]:
+    """Conv/linear modules of a module-ized graph whose output width must not change."""
+    modules = dict(gm.named_modules())
+    return [modules[name] for name in sorted(analyze(gm).kept)]
+
+
+def structure_fingerprint(model: nn.Module) -> str:
+    """sha256 of every parameter's name, shape and non-zero count: equal for two models that
+    pruning left structurally the same (and equally sparse), e.g. a 30 % prune of a model with
+    no prunable layer and the model itself."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{int(torch.count_nonzero(p))};".encode())
+    return h.hexdigest()
+
+
+def _recalibrate_batch_norm(net: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> None:
+    """Replace every batch norm's running statistics with the pruned network's own, as a
+    cumulative average over ``batches``; only batch norms run in training mode."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats]
+    if not bns:
+        return
+    net.eval()
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches
+        m.train()
+    with torch.no_grad():
+        for inputs in batches:
+            net(*inputs)
+    for m, momentum in zip(bns, momenta, strict=True):
+        m.momentum = momentum  # the exported value again, for any later fine-tuning
+        m.eval()
 
 
 def reexport(
@@ -301,17 +403,6 @@ def _prune_unstructured(model: nn.Module, ratio: float) -> None:
 # importance (taylor needs gradients of a loss)
 
 
-def _importance(
-    config: PruneConfig, model: nn.Module,
-    grad_batches: Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor]] | None,
-) -> Any:
-    if config.importance == "taylor":
-        if not grad_batches:
-            raise InvalidRecipe("taylor importance needs grad_batches (inputs, targets)")
-        return tp.importance.GroupTaylorImportance()
-    return tp.importance.GroupMagnitudeImportance(p=2)
-
-
 def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if not target.is_floating_point():
         return nn.functional.cross_entropy(out, target)
@@ -336,264 +427,3 @@ def _accumulate_grads(
             _loss(first, target).backward()
     total = sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None)
     return total > 0.0
-
-
-# --------------------------------------------------------------------------------------------
-# which layers may change width: a channel-space analysis of the FX graph
-
-
-class _Spaces:
-    """Union-find over "channel spaces": sets of tensors whose channel axis must be pruned
-    identically. Each space remembers the layers whose output channels define it and whether
-    anything in it forbids pruning."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.unsafe: list[bool] = []
-        self.producers: list[list[str]] = []
-        self.children: list[list[int]] = []  # concat: output space -> input spaces
-
-    def new(self, producer: str | None = None, unsafe: bool = False) -> int:
-        self.parent.append(len(self.parent))
-        self.unsafe.append(unsafe)
-        self.producers.append([producer] if producer else [])
-        self.children.append([])
-        return len(self.parent) - 1
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> int:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return ra
-        self.parent[rb] = ra
-        self.unsafe[ra] = self.unsafe[ra] or self.unsafe[rb]
-        self.producers[ra] += self.producers[rb]
-        self.children[ra] += self.children[rb]
-        return ra
-
-    def mark(self, i: int) -> None:
-        self.unsafe[self.find(i)] = True
-
-    def resolve(self) -> set[str]:
-        """Layers that must keep their width, after unsafe concat outputs taint their inputs."""
-        changed = True
-        while changed:
-            changed = False
-            for i in range(len(self.parent)):
-                r = self.find(i)
-                if not self.unsafe[r]:
-                    continue
-                for c in self.children[r]:
-                    if not self.unsafe[self.find(c)]:
-                        self.unsafe[self.find(c)] = True
-                        changed = True
-        out: set[str] = set()
-        for i in range(len(self.parent)):
-            if self.find(i) == i and self.unsafe[i]:
-                out.update(self.producers[i])
-        return out
-
-
-# Ops that keep the channel axis where it is and act per element.
-_UNARY = {
-    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.hardtanh.default,
-    aten.hardtanh_.default, aten.sigmoid.default, aten.silu.default, aten.silu_.default,
-    aten.tanh.default, aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default,
-    aten.leaky_relu.default, aten.elu.default, aten.dropout.default, aten.clone.default,
-    aten.contiguous.default, aten.alias.default, aten.detach.default, aten.relu6.default,
-    aten.mish.default, aten.softplus.default, aten.abs.default, aten.neg.default,
-    aten.mul.Scalar, aten.div.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.pow.Tensor_Scalar,
-    aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.exp.default,
-    aten.sqrt.default, aten.rsqrt.default,
-}
-_BINARY = {
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add_.Tensor,
-    aten.mul_.Tensor, aten.maximum.default, aten.minimum.default, operator.add, operator.mul,
-}
-_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
-_POOL = {  # NC... -> NC...: channel axis 1 untouched
-    aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default,
-    aten.adaptive_avg_pool1d.default, aten.avg_pool1d.default, aten.max_pool1d.default,
-    aten._adaptive_avg_pool2d.default,
-}
-
-
-def unsafe_layers(gm: GraphModule) -> list[nn.Module]:
-    """Conv/linear modules of a module-ized graph whose output width must not change."""
-    modules = dict(gm.named_modules())
-    sp = _Spaces()
-    track: dict[Node, tuple[int, int]] = {}  # node -> (space, channel axis >= 0)
-
-    def rank(n: Any) -> int | None:
-        v = n.meta.get("val") if isinstance(n, Node) else None
-        return v.dim() if isinstance(v, torch.Tensor) else None
-
-    def taint_args(args: Any) -> None:
-        for a in _flat_nodes(args):
-            if a in track:
-                sp.mark(track[a][0])
-
-    layers: list[str] = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            mod = modules[str(node.target)]
-            inp = node.args[0] if node.args else None
-            src = track.get(inp) if isinstance(inp, Node) else None
-            r = rank(node)
-            if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:
-                layers.append(str(node.target))
-                if mod.groups == 1:
-                    if src is not None and src[1] != 1:
-                        sp.mark(src[0])
-                    track[node] = (sp.new(str(node.target)), 1)
-                elif mod.groups == mod.in_channels == mod.out_channels and src is not None:
-                    # depthwise: its channels are its input's channels (one space)
-                    s = sp.new(str(node.target))
-                    track[node] = (sp.union(src[0], s), 1)
-                    if src[1] != 1:
-                        sp.mark(s)
-                else:  # grouped conv, or depthwise on a model input: keep both sides
-                    if src is not None:
-                        sp.mark(src[0])
-                    track[node] = (sp.new(str(node.target), unsafe=True), 1)
-            elif isinstance(mod, nn.Linear) and r is not None:
-                layers.append(str(node.target))
-                if src is not None and src[1] != r - 1:
-                    sp.mark(src[0])
-                track[node] = (sp.new(str(node.target)), r - 1)
-            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                if src is not None and src[1] == 1:
-                    track[node] = src
-                else:
-                    taint_args(node.args)
-            elif isinstance(mod, nn.LayerNorm) and r is not None:
-                if src is not None and src[1] == r - 1 and len(mod.normalized_shape) == 1:
-                    track[node] = src
-                else:
-                    taint_args(node.args)
-            else:
-                if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
-                    layers.append(str(node.target))
-                    track[node] = (sp.new(str(node.target), unsafe=True), 1)
-                taint_args(node.args)
-        elif node.op == "call_function":
-            _visit_function(node, track, sp, rank, taint_args)
-        elif node.op == "output":
-            taint_args(node.args)  # output widths are part of the model's contract
-    keep = sp.resolve()
-    for name in layers:
-        if not any(name in sp.producers[i] for i in range(len(sp.parent))):
-            keep.add(name)  # never reached by the analysis: leave it alone
-    return [modules[name] for name in sorted(keep)]
-
-
-def _visit_function(
-    node: Node,
-    track: dict[Node, tuple[int, int]],
-    sp: _Spaces,
-    rank: Callable[[Any], int | None],
-    taint_args: Callable[[Any], None],
-) -> None:
-    t = node.target
-    args: Any = node.args  # FX's Argument union is too wide for int(); values are checked
-    kwargs: Any = node.kwargs
-    first = args[0] if args else None
-    src = track.get(first) if isinstance(first, Node) else None
-    r_out = rank(node)
-    if t in _UNARY:
-        if src is not None:
-            track[node] = src
-        taint_args(args[1:])
-        return
-    if t in _BINARY:
-        operands = [a for a in args[:2] if isinstance(a, Node)]
-        tracked = [a for a in operands if a in track]
-        if not tracked:
-            return
-        if r_out is None:
-            taint_args(args)
-            return
-        space = None
-        axis = None
-        ok = True
-        for a in operands:
-            ra = rank(a)
-            if a in track:
-                s, ax = track[a]
-                out_ax = ax + (r_out - (ra or r_out))  # broadcasting aligns trailing axes
-                if axis is not None and out_ax != axis:
-                    ok = False
-                axis = out_ax
-                space = s if space is None else sp.union(space, s)
-            else:
-                v = a.meta.get("val")
-                if not (isinstance(v, torch.Tensor) and v.numel() == 1):
-                    ok = False  # an untracked tensor (input, parameter) with a channel axis
-        assert space is not None and axis is not None
-        if not ok:
-            sp.mark(space)
-        track[node] = (space, axis)
-        return
-    if t in _REDUCE and src is not None:
-        r_in = rank(first)
-        dims = args[1] if len(args) > 1 else None
-        keepdim = bool(args[2]) if len(args) > 2 else bool(kwargs.get("keepdim"))
-        if r_in is None or dims is None:
-            sp.mark(src[0])
-            return
-        dims_l = [int(d) % r_in for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-        if src[1] in dims_l:
-            sp.mark(src[0])
-            return
-        axis = src[1] if keepdim else src[1] - sum(d < src[1] for d in dims_l)
-        track[node] = (src[0], axis)
-        return
-    if t in _POOL and src is not None:
-        if src[1] == 1:
-            track[node] = src
-        else:
-            sp.mark(src[0])
-        return
-    if t is aten.flatten.using_ints and src is not None:
-        r_in = rank(first)
-        start = int(args[1]) if len(args) > 1 else 0
-        end = int(args[2]) if len(args) > 2 else -1
-        if r_in is not None and start % r_in == end % r_in:
-            track[node] = src  # flattening a single axis is a no-op
-        else:
-            sp.mark(src[0])
-        return
-    if t is aten.cat.default:
-        tensors = args[0]
-        dim = int(args[1]) if len(args) > 1 else int(kwargs.get("dim", 0))
-        r = rank(node)
-        parts = [track.get(a) if isinstance(a, Node) else None for a in tensors]
-        if r is not None and all(p is not None and p[1] == dim % r for p in parts):
-            out = sp.new()
-            sp.children[out] = [p[0] for p in parts if p is not None]
-            track[node] = (out, dim % r)
-        else:
-            taint_args(args)
-        return
-    # Anything else (views, transposes, attention, indexing, ...) may depend on the width.
-    taint_args(args)
-    taint_args(kwargs)
-
-
-def _flat_nodes(args: Any) -> list[Node]:
-    out: list[Node] = []
-    stack = [args]
-    while stack:
-        a = stack.pop()
-        if isinstance(a, Node):
-            out.append(a)
-        elif isinstance(a, (list, tuple)):
-            stack.extend(a)
-        elif isinstance(a, dict):
-            stack.extend(a.values())
-    return out
