@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
-import math
 import random
 import shutil
 import tempfile
@@ -54,14 +54,12 @@ EXPORT_RESERVE_S = 10.0  # seconds of the budget kept for the final export and r
 # kept fp32 ran 1.46x (Q/DQ around every depthwise conv). Recipe has no per-layer field, so
 # this is one policy for every run; measured, all-int8 wins.
 SKIP_DEPTHWISE = False
-# Distillation runs in two phases (DistillConfig has a constant learning rate): most epochs at
-# recipe.lr to recover from pruning, the rest at recipe.lr * FINE_TUNE_LR to settle (batch
-# norm and fake-quant ranges oscillate at the high rate). Each phase keeps its best state.
-FIRST_PHASE = 0.6  # fraction of the epochs (and of the time) at the full rate
-FINE_TUNE_LR = 0.1
 # Epochs without held-out gain before a phase stops. A heavily pruned student recovers in
 # bursts: at patience 2 ResCNN pruned 70 % stopped at 77 % accuracy on digits 16x16.
 DISTILL_PATIENCE = 4
+# Wall seconds of timing per side-by-side latency run at most (compare_latency stops earlier
+# once every ratio is known within +-3 %).
+LATENCY_MAX_S = 30.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +184,8 @@ class StageEvaluator:
         device: torch.device,
         clock: _Clock,
     ) -> None:
-        from app.engine.stages.evaluate import make_session, run_onnx
+        from app.engine.stages.distill import model_family
+        from app.engine.stages.evaluate import evaluate_onnx, make_session, run_onnx
         from app.engine.stages.export import export_onnx
 
         self.teacher = teacher
@@ -198,12 +197,18 @@ class StageEvaluator:
         self.clock = clock
         self.skip_depthwise = SKIP_DEPTHWISE and _has_depthwise(teacher)
         self._n = 0
+        # One entry per side-by-side latency run (LatencyComparison.to_dict + what it timed).
+        self.latency_runs: list[dict[str, Any]] = []
+        self.family = model_family(teacher)  # decides distillation rate and warm-up
+        self.distill_log: list[dict[str, Any]] = []  # one entry per distillation
         clock.progress("baseline", 0.0, "exporting the fp32 baseline to ONNX")
         self.baseline_onnx = export_onnx(teacher, example_inputs, workdir / "baseline.onnx")
-        self._base_sess = make_session(self.baseline_onnx, threads=constraints.threads)
+        base_sess = make_session(self.baseline_onnx, threads=constraints.threads)
         # Reference outputs for fidelity (no labels) and agreement: the fp32 ONNX model.
-        self.reference = run_onnx(self._base_sess, holdout, batch_size=64)
-        self.baseline: Metrics = self._metrics(self.baseline_onnx, self._base_sess, None)
+        self.reference = run_onnx(base_sess, holdout, batch_size=64)
+        self.baseline: Metrics = evaluate_onnx(
+            self.baseline_onnx, holdout, self.reference, batch_size=constraints.batch_size,
+            threads=constraints.threads, session=base_sess)
         clock.progress(
             "baseline", 1.0,
             f"baseline: {self.baseline.quality_kind} {self.baseline.quality:.4f}, "
@@ -212,50 +217,27 @@ class StageEvaluator:
 
     # -- measurement ---------------------------------------------------------------------------
 
-    def _feed(self) -> dict[str, np.ndarray]:
-        bs = self.constraints.batch_size
-        idx = np.arange(bs) % self.holdout.samples
-        return {k: np.ascontiguousarray(v[idx]) for k, v in self.holdout.inputs.items()}
-
-    def _metrics(self, onnx_path: Path, sess: Any, latency: tuple[float, float] | None) -> Metrics:
-        from app.engine.stages.evaluate import (
-            count_macs,
-            count_params,
-            latency_ms,
-            quality,
-            run_onnx,
-        )
-
-        if latency is None:  # the baseline: alone, once, more rounds
-            latency = latency_ms([sess], self._feed(), rounds=9)[0]
-        outputs = run_onnx(sess, self.holdout, batch_size=64)
-        q, kind, per_class, agreement = quality(outputs, self.reference, self.holdout.labels)
-        shapes = {k: (1, *v.shape[1:]) for k, v in self.holdout.inputs.items()}
-        return Metrics(
-            quality=float(q), quality_kind=kind, latency_p50_ms=float(latency[0]),
-            latency_p95_ms=float(latency[1]), size_bytes=onnx_path.stat().st_size,
-            parameters=int(count_params(onnx_path)), macs=int(count_macs(onnx_path, shapes)),
-            per_class_accuracy=per_class, agreement=agreement,
-        )
-
     def measure(self, built: Sequence[Built]) -> list[Metrics]:
-        from app.engine.stages.evaluate import latency_ms, make_session
+        from app.engine.stages.evaluate import evaluate_against_baseline
 
-        threads = self.constraints.threads
-        sessions = [make_session(b.onnx_path, threads=threads) for b in built]
+        c = self.constraints
         self.clock.progress("evaluate", 0.1,
-                            f"timing {len(sessions)} candidate(s) side by side with the baseline"
-                            f" (batch {self.constraints.batch_size}, {threads} threads)")
-        lat = latency_ms([self._base_sess, *sessions], self._feed())
-        base_p50 = lat[0][0]
-        out: list[Metrics] = []
-        for k, (b, s) in enumerate(zip(built, sessions, strict=True)):
-            scale = self.baseline.latency_p50_ms / base_p50 if base_p50 > 0 else 1.0
-            p50, p95 = lat[k + 1]
-            out.append(self._metrics(b.onnx_path, s, (p50 * scale, p95 * scale)))
-            self.clock.progress("evaluate", 0.1 + 0.9 * (k + 1) / len(built),
-                                f"measured candidate {k + 1}/{len(built)}")
-        return out
+                            f"timing {len(built)} candidate(s) side by side with the baseline"
+                            f" and an identical-model control (batch {c.batch_size},"
+                            f" {c.threads} threads)")
+        metrics, cmp = evaluate_against_baseline(
+            self.baseline_onnx, [b.onnx_path for b in built], self.holdout, self.reference,
+            baseline_p50_ms=self.baseline.latency_p50_ms, batch_size=c.batch_size,
+            threads=c.threads, max_seconds=LATENCY_MAX_S)
+        self.latency_runs.append({
+            "timed": [f"prune {b.recipe.prune_ratio:.0%} {b.recipe.quant}"
+                      f"{' distilled' if b.recipe.distill_epochs else ''}" for b in built],
+            **cmp.to_dict()})
+        self.clock.progress("evaluate", 1.0,
+                            f"measured {len(built)} candidate(s) in {cmp.rounds} rounds; an"
+                            f" identical model measured {cmp.control.ratio:.3f}x of the"
+                            f" baseline (noise +-{cmp.noise:.1%})")
+        return metrics
 
     # -- building ----------------------------------------------------------------------------
 
@@ -325,7 +307,7 @@ class StageEvaluator:
         return self._export(recipe, pruned, "ptq")
 
     def distill(self, built: Built, epochs: int, time_budget_s: float) -> Built:
-        from app.engine.stages.distill import DistillConfig, distill
+        from app.engine.stages.distill import FAMILY_SCHEDULES, DistillConfig, distill
         from app.engine.stages.quantize import convert, prepare_qat
 
         recipe = built.recipe
@@ -337,21 +319,29 @@ class StageEvaluator:
         else:
             student = copy.deepcopy(built.pruned)
         teacher = copy.deepcopy(self.teacher).to(self.device).eval()
-        start = time.monotonic()
-        e1 = max(1, math.ceil(epochs * FIRST_PHASE)) if epochs > 1 else epochs
-        epochs_run = 0
-        for n_ep, lr, share in ((e1, recipe.lr, FIRST_PHASE),
-                                (epochs - e1, recipe.lr * FINE_TUNE_LR, 1.0)):
-            left = time_budget_s - (time.monotonic() - start)
-            if n_ep <= 0 or left <= 1.0:
-                continue
-            cfg = DistillConfig(epochs=n_ep, temperature=recipe.temperature, alpha=recipe.alpha,
-                                lr=lr, time_budget_s=left * share, seed=recipe.seed,
-                                mixup=recipe.mixup, patience=DISTILL_PATIENCE)
-            rep = distill(student.to(self.device), teacher, self.train, self.val, cfg,
-                          device=self.device, on_progress=self.clock.progress)
-            student = rep.student
-            epochs_run += int(rep.epochs_run)
+        # The rate is the recipe's (the planner fills it per model family); the warm-up and
+        # decay are the family's (stages.distill.FAMILY_SCHEDULES).
+        cfg = DistillConfig(epochs=epochs, temperature=recipe.temperature, alpha=recipe.alpha,
+                            lr=recipe.lr, time_budget_s=time_budget_s, seed=recipe.seed,
+                            mixup=recipe.mixup, patience=DISTILL_PATIENCE,
+                            warmup_fraction=FAMILY_SCHEDULES[self.family].warmup_fraction)
+        rep = distill(student.to(self.device), teacher, self.train, self.val, cfg,
+                      device=self.device, on_progress=self.clock.progress)
+        student, epochs_run = rep.student, int(rep.epochs_run)
+        self.distill_log.append({
+            "recipe": f"prune {recipe.prune_ratio:.0%} {recipe.quant}", "family": self.family,
+            "lr": recipe.lr, "warmup_fraction": cfg.warmup_fraction,
+            "min_lr_fraction": cfg.min_lr_fraction, "epochs_run": epochs_run,
+            "best_epoch": rep.best_epoch, "stopped": rep.stopped_reason,
+            "quality_kind": rep.quality_kind,
+            "validation_quality_start": rep.initial_holdout_quality,
+            "validation_quality_best": rep.best_holdout_quality,
+            "rolled_back": rep.rolled_back})
+        if rep.rolled_back:
+            self.clock.progress("distill", 1.0,
+                                f"no distillation epoch beat the untrained start "
+                                f"({rep.quality_kind} {rep.initial_holdout_quality:.4f}): "
+                                "rolled back to it")
         trained = student.to("cpu")
         new_recipe = replace(recipe, distill_epochs=epochs_run)
         if recipe.quant == "int8_static":
@@ -359,6 +349,24 @@ class StageEvaluator:
             return self._export(new_recipe, trained, "qat", convert(trained))
         trained.eval()
         return self._export(new_recipe, trained, "kd")
+
+
+def _latency_report(ev: StageEvaluator, outcome: Outcome) -> dict[str, Any]:
+    """How latency was measured and how noisy it was: the measured noise of every run."""
+    from app.engine.stages.evaluate import LATENCY_METHOD
+
+    runs = ev.latency_runs
+    chosen = outcome.best.metrics.latency
+    return {
+        "method": LATENCY_METHOD,
+        "batch_size": ev.constraints.batch_size, "threads": ev.constraints.threads,
+        # The chosen candidate's ratio to the baseline (< 1 = faster) and the run it came from.
+        "chosen": None if chosen is None else dataclasses.asdict(chosen),
+        "finalists_remeasured": outcome.remeasured,
+        "control_ratios": [r["control"]["ratio"] for r in runs],
+        "noise": [r["noise"] for r in runs],
+        "runs": [{k: v for k, v in r.items() if k != "method"} for r in runs],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,6 +447,10 @@ def _run(
                              on_progress=clock.progress)
     else:
         sp = space or default_space(linear_heavy=_linear_heavy(teacher))
+        if sp.lr is None:  # the distillation rate of the model's family
+            from app.engine.stages.distill import FAMILY_SCHEDULES
+
+            sp = replace(sp, lr=FAMILY_SCHEDULES[ev.family].lr)
         outcome = search(ev, c, sp, seed=spec.seed, deadline=search_deadline,
                          on_progress=clock.progress)
     best: Candidate = outcome.best
@@ -488,6 +500,8 @@ def _run(
             "quality_drop": ev.baseline.quality - best.metrics.quality,
         },
         "onnx_parity_max_abs": parity,
+        "latency": _latency_report(ev, outcome),
+        "distillation": {"family": ev.family, "runs": ev.distill_log},
         "data": {"train": train.samples, "validation": val.samples, "holdout": holdout.samples,
                  "holdout_source": "eval_data" if eval_data_path is not None else "split"},
         "elapsed_s": round(clock.elapsed(), 3),

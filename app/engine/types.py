@@ -149,6 +149,21 @@ class JobSpec:
         )
 
 
+@dataclass(frozen=True)
+class LatencyStats:
+    """A candidate's latency relative to the fp32 baseline, measured side by side with an
+    identical-model control in the same interleaved rounds (``stages.evaluate``)."""
+
+    ratio: float  # candidate / baseline (median of per-round ratios); < 1 is faster
+    ratio_low: float  # confidence interval of ``ratio`` at ``confidence``
+    ratio_high: float
+    best_round: float  # fastest round of the candidate / fastest round of the baseline
+    noise: float  # the control's band in that run: 0.04 = an identical model within +-4 %
+    control_ratio: float  # the identical model / baseline, same statistic as ``ratio``
+    rounds: int
+    confidence: float
+
+
 @dataclass
 class Metrics:
     """Measured figures of one model on the target runtime (ONNX Runtime)."""
@@ -162,6 +177,7 @@ class Metrics:
     macs: int
     per_class_accuracy: dict[str, float] | None = None
     agreement: float | None = None  # top-1 agreement with the teacher, classifiers only
+    latency: LatencyStats | None = None  # side-by-side ratio to the baseline (candidates)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
