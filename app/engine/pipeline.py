@@ -57,9 +57,11 @@ SKIP_DEPTHWISE = False
 # Epochs without held-out gain before a phase stops. A heavily pruned student recovers in
 # bursts: at patience 2 ResCNN pruned 70 % stopped at 77 % accuracy on digits 16x16.
 DISTILL_PATIENCE = 4
-# Wall seconds of timing per side-by-side latency run at most (compare_latency stops earlier
-# once every ratio is known within +-3 %).
-LATENCY_MAX_S = 30.0
+# Wall seconds of timing per side-by-side latency run at most: this share of the job's time
+# budget, within [3, 30] s (compare_latency stops earlier once every ratio is known within
+# +-3 %; a job runs two or three such runs plus one per distilled candidate).
+LATENCY_SHARE = 0.03
+LATENCY_MAX_S = (3.0, 30.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +230,9 @@ class StageEvaluator:
         metrics, cmp = evaluate_against_baseline(
             self.baseline_onnx, [b.onnx_path for b in built], self.holdout, self.reference,
             baseline_p50_ms=self.baseline.latency_p50_ms, batch_size=c.batch_size,
-            threads=c.threads, max_seconds=LATENCY_MAX_S)
+            threads=c.threads,
+            max_seconds=min(max(LATENCY_SHARE * c.time_budget_s, LATENCY_MAX_S[0]),
+                            LATENCY_MAX_S[1]))
         self.latency_runs.append({
             "timed": [f"prune {b.recipe.prune_ratio:.0%} {b.recipe.quant}"
                       f"{' distilled' if b.recipe.distill_epochs else ''}" for b in built],

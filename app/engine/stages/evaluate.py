@@ -239,8 +239,8 @@ class LatencyComparison:
 def compare_latency(
     baseline: ort.InferenceSession, candidates: Sequence[ort.InferenceSession], feed_batch: Feed,
     *, control: ort.InferenceSession, warmup: int = 5, runs_per_round: int = 5,
-    min_rounds: int = 8, max_rounds: int = 40, target_half_width: float = 0.03,
-    confidence: float = 0.9, max_seconds: float = 60.0,
+    min_rounds: int = 8, max_rounds: int = 200, target_half_width: float = 0.03,
+    confidence: float = 0.9, max_seconds: float = 20.0,
 ) -> LatencyComparison:
     """Latency of each candidate relative to ``baseline``, robust to a loaded machine.
 
