@@ -6,10 +6,13 @@ from the planner to the stage functions of E1 (formats, evaluate), E2 (graph, pr
 (quantize, export, distill).
 
 Latency figures. Every measurement interleaves the measured sessions with the fp32 baseline
-session (spinning off, DESIGN §6) and reports each candidate's p50 as
-``baseline_p50 * (candidate / baseline measured in the same run)``: the ratio is what is
-measured side by side, the absolute scale is the baseline's first measurement. So load from
-other processes between two measurement runs does not move one candidate against another.
+session and a second session of the baseline (the identical-model control; spinning off,
+DESIGN §6) and reports each candidate's p50 as ``baseline_p50 * (candidate / baseline ratio
+measured in the same run)`` (``stages.evaluate.evaluate_against_baseline``, the same path the
+tests use): the ratio is what is measured side by side, the absolute scale is the baseline's
+first measurement. So load from other processes between two measurement runs does not move one
+candidate against another, and the control's ratio in each run is the noise the never-slower
+rule must beat (``report.json`` ``latency``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,11 @@
 
 Conventions (units in names):
 - latency in milliseconds per ``session.run`` call at the given batch; p50/p95 over all timed
-  runs of the interleaved rounds.
+  runs of the interleaved rounds. A candidate is judged by its ratio to the baseline measured
+  side by side (``compare_latency``: per-round medians, median of per-round ratios with a
+  distribution-free interval, an identical-model control for the noise); on 2 loaded cores a
+  p50 of single runs measured an identical model anywhere in 0.30x-1.05x of itself, the control
+  ratio 0.91x-1.05x in the same runs (bench/latency_control.py).
 - MACs = multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul (and their integer/QLinear
   forms) for the given input shapes; ``evaluate_onnx`` reports them for batch 1 (per sample).
   Elementwise ops, norms and pooling are not counted (they are a few % on these models).
@@ -152,6 +156,8 @@ def latency_ms(
     return [(float(np.percentile(t, 50)), float(np.percentile(t, 95))) for t in times]
 
 
+BLOCK_MS = 5.0  # ms of baseline runs per session per round (compare_latency's default)
+
 LATENCY_METHOD = (
     "interleaved rounds (rotating order) of several runs per session; per-round medians; "
     "ratio = median over rounds of candidate / baseline round medians, with a "
@@ -238,7 +244,7 @@ class LatencyComparison:
 
 def compare_latency(
     baseline: ort.InferenceSession, candidates: Sequence[ort.InferenceSession], feed_batch: Feed,
-    *, control: ort.InferenceSession, warmup: int = 5, runs_per_round: int = 5,
+    *, control: ort.InferenceSession, warmup: int = 5, runs_per_round: int | None = None,
     min_rounds: int = 8, max_rounds: int = 200, target_half_width: float = 0.03,
     confidence: float = 0.9, max_seconds: float = 20.0,
 ) -> LatencyComparison:
@@ -247,6 +253,8 @@ def compare_latency(
     ``control`` must be a second session of the baseline's own model: it is measured exactly
     like a candidate, so its ratio shows what "no difference" looks like in this run (the
     measured noise). Every round times ``runs_per_round`` runs of each session in turn
+    (default: enough for a block of about ``BLOCK_MS`` of the baseline, 5 .. 50 runs: one
+    scheduler time slice lost to another process then moves a block's median, not its runs')
     (rotating order) and keeps each session's median; a load burst then hits one round of
     every session rather than one session's whole figure, and the per-round ratio cancels the
     load common to the round. Rounds continue from ``min_rounds`` until every ratio's interval
@@ -257,11 +265,15 @@ def compare_latency(
     ...                                               control=make_session(path))
     >>> cmp.candidates[0].ratio, cmp.noise   # e.g. (0.41, 0.03): 2.4x faster, noise +-3 %
     """
-    if min_rounds < 1 or max_rounds < min_rounds or runs_per_round < 1:
+    if min_rounds < 1 or max_rounds < min_rounds or (runs_per_round or 1) < 1:
         raise ValueError("1 <= min_rounds <= max_rounds and runs_per_round >= 1 are required")
     sessions = [baseline, control, *candidates]
     feeds = [_feed(s, feed_batch) for s in sessions]
     _warm(sessions, feeds, warmup)
+    if runs_per_round is None:
+        one = float(np.median(_timed_rounds([baseline], feeds[:1], round_index=0,
+                                            runs_per_round=5)[0]))
+        runs_per_round = int(min(max(math.ceil(BLOCK_MS / max(one, 1e-3)), 5), 50))
     all_times: list[list[float]] = [[] for _ in sessions]
     medians: list[list[float]] = [[] for _ in sessions]  # [session][round], ms
 
