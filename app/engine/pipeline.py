@@ -6,18 +6,21 @@ from the planner to the stage functions of E1 (formats, evaluate), E2 (graph, pr
 (quantize, export, distill).
 
 Latency figures. Every measurement interleaves the measured sessions with the fp32 baseline
-session (spinning off, DESIGN §6) and reports each candidate's p50 as
-``baseline_p50 * (candidate / baseline measured in the same run)``: the ratio is what is
-measured side by side, the absolute scale is the baseline's first measurement. So load from
-other processes between two measurement runs does not move one candidate against another.
+session and a second session of the baseline (the identical-model control; spinning off,
+DESIGN §6) and reports each candidate's p50 as ``baseline_p50 * (candidate / baseline ratio
+measured in the same run)`` (``stages.evaluate.evaluate_against_baseline``, the same path the
+tests use): the ratio is what is measured side by side, the absolute scale is the baseline's
+first measurement. So load from other processes between two measurement runs does not move one
+candidate against another, and the control's ratio in each run is the noise the never-slower
+rule must beat (``report.json`` ``latency``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
-import math
 import random
 import shutil
 import tempfile
@@ -50,14 +53,14 @@ VAL_FRACTION = 0.15  # of the training part, for distillation's early stopping
 CALIB_SAMPLES = 256  # calibration samples for static int8
 CALIB_BATCH = 32
 EXPORT_RESERVE_S = 10.0  # seconds of the budget kept for the final export and report
-# Distillation runs in two phases (DistillConfig has a constant learning rate): most epochs at
-# recipe.lr to recover from pruning, the rest at recipe.lr * FINE_TUNE_LR to settle (batch
-# norm and fake-quant ranges oscillate at the high rate). Each phase keeps its best state.
-FIRST_PHASE = 0.6  # fraction of the epochs (and of the time) at the full rate
-FINE_TUNE_LR = 0.1
 # Epochs without held-out gain before a phase stops. A heavily pruned student recovers in
 # bursts: at patience 2 ResCNN pruned 70 % stopped at 77 % accuracy on digits 16x16.
 DISTILL_PATIENCE = 4
+# Wall seconds of timing per side-by-side latency run at most: this share of the job's time
+# budget, within [3, 30] s (compare_latency stops earlier once every ratio is known within
+# +-3 %; a job runs two or three such runs plus one per distilled candidate).
+LATENCY_SHARE = 0.03
+LATENCY_MAX_S = (3.0, 30.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +191,8 @@ class StageEvaluator:
         device: torch.device,
         clock: _Clock,
     ) -> None:
-        from app.engine.stages.evaluate import make_session, run_onnx
+        from app.engine.stages.distill import model_family
+        from app.engine.stages.evaluate import evaluate_onnx, make_session, run_onnx
         from app.engine.stages.export import export_onnx
         from app.engine.stages.quality import Scorer
 
@@ -202,17 +206,24 @@ class StageEvaluator:
         self.warnings: list[str] = []  # for the user: what a scheme left in fp32, once each
         self._n = 0
         self._pruned: dict[tuple[float, str, str, int], nn.Module] = {}  # see structure()
+        # One entry per side-by-side latency run (LatencyComparison.to_dict + what it timed).
+        self.latency_runs: list[dict[str, Any]] = []
+        self.family = model_family(teacher)  # decides distillation rate and warm-up
+        self.distill_log: list[dict[str, Any]] = []  # one entry per distillation
         clock.progress("baseline", 0.0, "exporting the fp32 baseline to ONNX")
         self.baseline_onnx = export_onnx(teacher, example_inputs, workdir / "baseline.onnx")
-        self._base_sess = make_session(self.baseline_onnx, threads=constraints.threads)
+        base_sess = make_session(self.baseline_onnx, threads=constraints.threads)
         # Reference outputs for fidelity (no labels) and agreement: the fp32 ONNX model.
-        self.reference = run_onnx(self._base_sess, holdout, batch_size=64)
+        self.reference = run_onnx(base_sess, holdout, batch_size=64)
         # The metric, checked against outputs and labels before any candidate is built.
         self.scorer = Scorer.resolve(
             constraints.metric, self.reference, holdout.labels, label_max=_label_max(
                 train, val, holdout), source="the held-out data")
-        self._base_scores: np.ndarray | None = None  # per-sample, for paired intervals
-        self.baseline: Metrics = self._metrics(self.baseline_onnx, self._base_sess, None)
+        # The baseline's per-sample scores: every candidate's drop interval is paired to them.
+        self._base_scores = self.scorer.score(self.reference).per_sample
+        self.baseline: Metrics = evaluate_onnx(
+            self.baseline_onnx, holdout, self.reference, batch_size=constraints.batch_size,
+            threads=constraints.threads, session=base_sess, scorer=self.scorer)
         clock.progress(
             "baseline", 1.0,
             f"baseline: {self.baseline.quality_kind} {self.baseline.quality:.4f}, "
@@ -221,55 +232,29 @@ class StageEvaluator:
 
     # -- measurement ---------------------------------------------------------------------------
 
-    def _feed(self) -> dict[str, np.ndarray]:
-        bs = self.constraints.batch_size
-        idx = np.arange(bs) % self.holdout.samples
-        return {k: np.ascontiguousarray(v[idx]) for k, v in self.holdout.inputs.items()}
-
-    def _metrics(self, onnx_path: Path, sess: Any, latency: tuple[float, float] | None) -> Metrics:
-        from app.engine.stages.evaluate import (
-            count_macs,
-            count_params,
-            latency_ms,
-            run_onnx,
-        )
-        from app.engine.stages.quality import drop_interval
-
-        if latency is None:  # the baseline: alone, once, more rounds
-            latency = latency_ms([sess], self._feed(), rounds=9)[0]
-        outputs = run_onnx(sess, self.holdout, batch_size=64)
-        s = self.scorer.score(outputs)
-        ci = None
-        if self._base_scores is None:  # the baseline's own scores
-            self._base_scores = s.per_sample
-        else:
-            ci = drop_interval(self.scorer.kind, self._base_scores, s.per_sample)
-        shapes = {k: (1, *v.shape[1:]) for k, v in self.holdout.inputs.items()}
-        return Metrics(
-            quality=s.quality, quality_kind=self.scorer.kind, latency_p50_ms=float(latency[0]),
-            latency_p95_ms=float(latency[1]), size_bytes=onnx_path.stat().st_size,
-            parameters=int(count_params(onnx_path)), macs=int(count_macs(onnx_path, shapes)),
-            per_class_accuracy=s.per_class, agreement=s.agreement, quality_drop_ci95=ci,
-        )
-
     def measure(self, built: Sequence[Built]) -> list[Metrics]:
-        from app.engine.stages.evaluate import latency_ms, make_session
+        from app.engine.stages.evaluate import evaluate_against_baseline
 
-        threads = self.constraints.threads
-        sessions = [make_session(b.onnx_path, threads=threads) for b in built]
+        c = self.constraints
         self.clock.progress("evaluate", 0.1,
-                            f"timing {len(sessions)} candidate(s) side by side with the baseline"
-                            f" (batch {self.constraints.batch_size}, {threads} threads)")
-        lat = latency_ms([self._base_sess, *sessions], self._feed())
-        base_p50 = lat[0][0]
-        out: list[Metrics] = []
-        for k, (b, s) in enumerate(zip(built, sessions, strict=True)):
-            scale = self.baseline.latency_p50_ms / base_p50 if base_p50 > 0 else 1.0
-            p50, p95 = lat[k + 1]
-            out.append(self._metrics(b.onnx_path, s, (p50 * scale, p95 * scale)))
-            self.clock.progress("evaluate", 0.1 + 0.9 * (k + 1) / len(built),
-                                f"measured candidate {k + 1}/{len(built)}")
-        return out
+                            f"timing {len(built)} candidate(s) side by side with the baseline"
+                            f" and an identical-model control (batch {c.batch_size},"
+                            f" {c.threads} threads)")
+        metrics, cmp = evaluate_against_baseline(
+            self.baseline_onnx, [b.onnx_path for b in built], self.holdout, self.reference,
+            baseline_p50_ms=self.baseline.latency_p50_ms, batch_size=c.batch_size,
+            threads=c.threads, scorer=self.scorer, baseline_scores=self._base_scores,
+            max_seconds=min(max(LATENCY_SHARE * c.time_budget_s, LATENCY_MAX_S[0]),
+                            LATENCY_MAX_S[1]))
+        self.latency_runs.append({
+            "timed": [f"prune {b.recipe.prune_ratio:.0%} {b.recipe.quant}"
+                      f"{' distilled' if b.recipe.distill_epochs else ''}" for b in built],
+            **cmp.to_dict()})
+        self.clock.progress("evaluate", 1.0,
+                            f"measured {len(built)} candidate(s) in {cmp.rounds} rounds; an"
+                            f" identical model measured {cmp.control.ratio:.3f}x of the"
+                            f" baseline (noise +-{cmp.noise:.1%})")
+        return metrics
 
     # -- building ----------------------------------------------------------------------------
 
@@ -348,7 +333,7 @@ class StageEvaluator:
 
     def distill(self, built: Built, epochs: int, time_budget_s: float) -> Built:
         from app.engine.schemes import get
-        from app.engine.stages.distill import DistillConfig, distill
+        from app.engine.stages.distill import FAMILY_SCHEDULES, DistillConfig, distill
         from app.engine.stages.quantize import convert
 
         recipe = built.recipe
@@ -360,22 +345,30 @@ class StageEvaluator:
         else:
             student = copy.deepcopy(built.pruned)
         teacher = copy.deepcopy(self.teacher).to(self.device).eval()
-        start = time.monotonic()
-        e1 = max(1, math.ceil(epochs * FIRST_PHASE)) if epochs > 1 else epochs
-        epochs_run = 0
-        for n_ep, lr, share in ((e1, recipe.lr, FIRST_PHASE),
-                                (epochs - e1, recipe.lr * FINE_TUNE_LR, 1.0)):
-            left = time_budget_s - (time.monotonic() - start)
-            if n_ep <= 0 or left <= 1.0:
-                continue
-            cfg = DistillConfig(epochs=n_ep, temperature=recipe.temperature, alpha=recipe.alpha,
-                                lr=lr, time_budget_s=left * share, seed=recipe.seed,
-                                mixup=recipe.mixup, patience=DISTILL_PATIENCE,
-                                task=self.scorer.task)
-            rep = distill(student.to(self.device), teacher, self.train, self.val, cfg,
-                          device=self.device, on_progress=self.clock.progress)
-            student = rep.student
-            epochs_run += int(rep.epochs_run)
+        # The rate is the recipe's (the planner fills it per model family); the warm-up and
+        # decay are the family's (stages.distill.FAMILY_SCHEDULES).
+        cfg = DistillConfig(epochs=epochs, temperature=recipe.temperature, alpha=recipe.alpha,
+                            lr=recipe.lr, time_budget_s=time_budget_s, seed=recipe.seed,
+                            mixup=recipe.mixup, patience=DISTILL_PATIENCE,
+                            warmup_fraction=FAMILY_SCHEDULES[self.family].warmup_fraction,
+                            task=self.scorer.task)
+        rep = distill(student.to(self.device), teacher, self.train, self.val, cfg,
+                      device=self.device, on_progress=self.clock.progress)
+        student, epochs_run = rep.student, int(rep.epochs_run)
+        self.distill_log.append({
+            "recipe": f"prune {recipe.prune_ratio:.0%} {recipe.quant}", "family": self.family,
+            "lr": recipe.lr, "warmup_fraction": cfg.warmup_fraction,
+            "min_lr_fraction": cfg.min_lr_fraction, "epochs_run": epochs_run,
+            "best_epoch": rep.best_epoch, "stopped": rep.stopped_reason,
+            "quality_kind": rep.quality_kind,
+            "validation_quality_start": rep.initial_holdout_quality,
+            "validation_quality_best": rep.best_holdout_quality,
+            "rolled_back": rep.rolled_back})
+        if rep.rolled_back:
+            self.clock.progress("distill", 1.0,
+                                f"no distillation epoch beat the untrained start "
+                                f"({rep.quality_kind} {rep.initial_holdout_quality:.4f}): "
+                                "rolled back to it")
         trained = student.to("cpu")
         new_recipe = replace(recipe, distill_epochs=epochs_run)
         if scheme.qat:
@@ -383,6 +376,24 @@ class StageEvaluator:
             return self._export(new_recipe, trained, "qat", convert(trained))
         trained.eval()
         return self._export(new_recipe, trained, "kd")
+
+
+def _latency_report(ev: StageEvaluator, outcome: Outcome) -> dict[str, Any]:
+    """How latency was measured and how noisy it was: the measured noise of every run."""
+    from app.engine.stages.evaluate import LATENCY_METHOD
+
+    runs = ev.latency_runs
+    chosen = outcome.best.metrics.latency
+    return {
+        "method": LATENCY_METHOD,
+        "batch_size": ev.constraints.batch_size, "threads": ev.constraints.threads,
+        # The chosen candidate's ratio to the baseline (< 1 = faster) and the run it came from.
+        "chosen": None if chosen is None else dataclasses.asdict(chosen),
+        "finalists_remeasured": outcome.remeasured,
+        "control_ratios": [r["control"]["ratio"] for r in runs],
+        "noise": [r["noise"] for r in runs],
+        "runs": [{k: v for k, v in r.items() if k != "method"} for r in runs],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +476,10 @@ def _run(
     else:
         sp = space or default_space(linear_heavy=_linear_heavy(teacher),
                                     depthwise=_has_depthwise(teacher))
+        if sp.lr is None:  # the distillation rate of the model's family
+            from app.engine.stages.distill import FAMILY_SCHEDULES
+
+            sp = replace(sp, lr=FAMILY_SCHEDULES[ev.family].lr)
         outcome = search(ev, c, sp, seed=spec.seed, deadline=search_deadline,
                          on_progress=clock.progress)
     best: Candidate = outcome.best
@@ -527,6 +542,8 @@ def _run(
             "quality_drop": ev.baseline.quality - best.metrics.quality,
         },
         "onnx_parity_max_abs": parity,
+        "latency": _latency_report(ev, outcome),
+        "distillation": {"family": ev.family, "runs": ev.distill_log},
         "data": {"train": train.samples, "validation": val.samples, "holdout": holdout.samples,
                  "holdout_source": "eval_data" if eval_data_path is not None else "split"},
         "elapsed_s": round(clock.elapsed(), 3),

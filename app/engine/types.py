@@ -154,6 +154,21 @@ class JobSpec:
         )
 
 
+@dataclass(frozen=True)
+class LatencyStats:
+    """A candidate's latency relative to the fp32 baseline, measured side by side with an
+    identical-model control in the same interleaved rounds (``stages.evaluate``)."""
+
+    ratio: float  # candidate / baseline (median of per-round ratios); < 1 is faster
+    ratio_low: float  # confidence interval of ``ratio`` at ``confidence``
+    ratio_high: float
+    best_round: float  # fastest round of the candidate / fastest round of the baseline
+    noise: float  # the control's band in that run: 0.04 = an identical model within +-4 %
+    control_ratio: float  # the identical model / baseline, same statistic as ``ratio``
+    rounds: int
+    confidence: float
+
+
 @dataclass
 class Metrics:
     """Measured figures of one model on the target runtime (ONNX Runtime)."""
@@ -170,6 +185,7 @@ class Metrics:
     # 95 % interval of the drop (baseline - quality) on the same held-out samples (paired);
     # None for the baseline itself. Method per metric: stages/quality.py.
     quality_drop_ci95: tuple[float, float] | None = None
+    latency: LatencyStats | None = None  # side-by-side ratio to the baseline (candidates)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -11,7 +12,13 @@ import torch
 
 from app.engine.errors import Cancelled
 from app.engine.formats.data import Dataset
-from app.engine.stages.distill import DistillConfig, distill
+from app.engine.stages.distill import (
+    FAMILY_SCHEDULES,
+    DistillConfig,
+    distill,
+    lr_factor,
+    model_family,
+)
 from app.engine.stages.export import export_onnx, onnx_outputs
 from app.engine.stages.quantize import convert, prepare_qat
 from examples.zoo import MLP, digits, train
@@ -230,3 +237,81 @@ def test_mixup_is_off_for_integer_inputs(sets: tuple[Dataset, Dataset]) -> None:
     distill(Embed(), counting, small, hold, DistillConfig(epochs=2, lr=1e-2, mixup=0.4),
             device=CPU)
     assert counting.samples == small.samples + hold.samples  # token ids cannot be mixed
+
+
+@pytest.mark.parametrize("qat", [False, True], ids=["float", "qat"])
+def test_student_made_worse_is_rolled_back_to_its_start(
+    teacher: torch.nn.Module, sets: tuple[Dataset, Dataset], qat: bool
+) -> None:
+    """A good start (a copy of the teacher) trained at an absurd rate gets worse on held-out
+    data: distill returns the start and says so. Regression: a QAT student's uncalibrated
+    start never counted, so its first (wrecked) epoch always replaced it."""
+    import copy
+
+    tr, ho = sets
+    hx = torch.from_numpy(ho.inputs["x"])
+    student = copy.deepcopy(teacher)
+    if qat:
+        student = prepare_qat(student, (hx[:4],))
+    cfg = DistillConfig(epochs=2, lr=5.0, patience=2, time_budget_s=60)
+    rep = distill(student, teacher, tr.take(512), ho, cfg, device=CPU)
+    assert rep.epochs_run == 2 and max(h["holdout_quality"] for h in rep.history) < 0.5
+    assert rep.rolled_back and rep.best_epoch == 0
+    assert rep.initial_holdout_quality >= 0.9  # the start: (fake-quant) teacher accuracy
+    assert rep.best_holdout_quality == rep.initial_holdout_quality
+    model = convert(rep.student) if qat else rep.student
+    with torch.no_grad():
+        acc = float((model(hx).argmax(1).numpy() == ho.labels).mean())
+    assert acc == pytest.approx(rep.initial_holdout_quality, abs=0.01)
+
+
+def test_student_that_improves_is_not_rolled_back(
+    teacher: torch.nn.Module, sets: tuple[Dataset, Dataset]
+) -> None:
+    tr, ho = sets
+    rep = distill(_student(), teacher, tr.take(512), ho,
+                  DistillConfig(epochs=2, lr=1e-2, time_budget_s=60), device=CPU)
+    assert not rep.rolled_back and rep.best_epoch >= 1
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    cfg = DistillConfig(lr=1e-3, warmup_fraction=0.1, min_lr_fraction=0.05)
+    f = [lr_factor(s, 100, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(1 / 11) and f[9] == pytest.approx(10 / 11)
+    assert f[10] == pytest.approx(1.0)  # peak right after the warm-up
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))  # then only decays
+    assert f[-1] == pytest.approx(0.05, abs=0.01)
+    assert lr_factor(7, 100, DistillConfig(min_lr_fraction=1.0)) == 1.0  # constant
+
+
+def _tiny_vit() -> torch.nn.Module:
+    import transformers as tf
+
+    from examples.hf_zoo import _ImageLogits
+
+    cfg = tf.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                       num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       num_labels=10)
+    torch.manual_seed(0)
+    return _ImageLogits(tf.ViTForImageClassification(cfg)).eval()
+
+
+def test_model_family_from_the_graph() -> None:
+    """Transformers (attention / LayerNorm) get a rate an order lower than BN CNNs, with a
+    warm-up; the family is read from the module-ized graph the pipeline distils."""
+    from app.engine.graph import modularize
+    from examples.zoo import DWCNN, ResCNN, TinyEncoder
+
+    def graph(m: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+        return modularize(torch.export.export(m.eval(), (x,)))
+
+    img = torch.randn(2, 1, 8, 8)
+    torch.manual_seed(0)
+    assert model_family(graph(_tiny_vit(), img)) == "transformer"
+    assert model_family(graph(TinyEncoder(seq=8, dim=16, heads=2, ffn=32, layers=1),
+                              img)) == "transformer"
+    assert model_family(graph(ResCNN(width=8), img)) == "cnn"
+    assert model_family(DWCNN(width=8)) == "cnn"  # eager modules too
+    assert model_family(graph(MLP(hidden=16), img)) == "dense"
+    tr, cnn = FAMILY_SCHEDULES["transformer"], FAMILY_SCHEDULES["cnn"]
+    assert tr.lr <= 5e-4 and tr.lr * 10 <= cnn.lr and tr.warmup_fraction > 0

@@ -13,11 +13,14 @@ from torch import nn
 
 from app.engine.formats.data import Dataset, load_dataset
 from app.engine.stages.evaluate import (
+    compare_latency,
     count_macs,
     count_params,
+    evaluate_against_baseline,
     evaluate_onnx,
     latency_ms,
     make_session,
+    median_ci,
     quality,
     run_onnx,
     size_on_disk,
@@ -189,3 +192,77 @@ def test_static_batch_model_is_padded(engine_dir: Path, digits_ds: Dataset) -> N
     assert float(np.abs(out - ref).max()) < 1e-5
     m = evaluate_onnx(path, ds, ref, batch_size=1, threads=1)
     assert m.macs == CNN_MACS and m.quality_kind == "accuracy"
+
+
+# ------------------------------------------------------------------- latency against a control
+
+
+def test_median_ci_order_statistics() -> None:
+    # n = 9 at 90 %: P(B(9, 1/2) <= 1) = 10/512 <= 0.05 < P(B <= 2) = 46/512 -> ranks 2 and 8.
+    assert median_ci([9.0, 1, 8, 2, 7, 3, 6, 4, 5], 0.9) == (2.0, 8.0)
+    # n = 20: P(B <= 5) = 0.0207 <= 0.05 < P(B <= 6) = 0.0577 -> ranks 6 and 15.
+    assert median_ci(list(range(1, 21)), 0.9) == (6, 15)
+    assert median_ci([3.0, 1.0], 0.9) == (1.0, 3.0)  # too few rounds: the whole range
+
+
+class _Wide(nn.Module):
+    """8x8 digits -> hidden -> hidden -> 10: its cost is ~hidden^2 MACs per sample."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.fixture(scope="module")
+def wide_pair(engine_dir: Path, digits8: tuple[torch.Tensor, torch.Tensor]) -> tuple[Path, Path]:
+    """A baseline MLP and a 4x narrower one (about 16x fewer MACs in its middle layer)."""
+    d = engine_dir / "wide"
+    d.mkdir()
+    torch.manual_seed(0)
+    return (export_onnx(_Wide(1024), digits8[0][:4], d / "wide.onnx"),
+            export_onnx(_Wide(256), digits8[0][:4], d / "narrow.onnx"))
+
+
+def test_identical_model_control_measures_the_noise(wide_pair: tuple[Path, Path],
+                                                    digits_ds: Dataset) -> None:
+    """An identical model measured as a candidate lands near 1.0x; a real speed-up lands far
+    outside that noise band, and the run says how many rounds it took and why it stopped."""
+    wide, narrow = wide_pair
+    feed = {"x": digits_ds.inputs["x"][:32]}
+    cmp = compare_latency(make_session(wide), [make_session(narrow), make_session(wide)], feed,
+                          control=make_session(wide), min_rounds=6, max_rounds=30,
+                          max_seconds=20.0)
+    c, fast, same = cmp.control, cmp.candidates[0], cmp.candidates[1]
+    assert 6 <= cmp.rounds <= 30 and cmp.stopped in ("precise", "max_rounds", "time")
+    assert c.low <= c.ratio <= c.high and 0.8 < c.ratio < 1.25, c
+    assert cmp.noise == pytest.approx(max(abs(c.ratio - 1), c.high - 1, 1 - c.low))
+    # A second identical candidate is as close to 1.0x as the control says identical models are.
+    assert 0.75 < same.ratio < 1.33, same
+    # About 16x fewer MACs in the big layer: well below 1 and beyond the measured noise.
+    assert fast.high < 1.0 - cmp.noise and fast.ratio < 0.6, (fast, cmp.noise)
+    assert fast.p50_ms < cmp.baseline_p50_ms
+    d = cmp.to_dict()
+    assert d["control"]["ratio"] == c.ratio and d["rounds"] == cmp.rounds and "method" in d
+
+
+def test_evaluate_against_baseline_derives_ms_from_the_ratio(
+    wide_pair: tuple[Path, Path], digits_ds: Dataset,
+) -> None:
+    """One measurement path: metrics of each candidate with its ratio, interval and the run's
+    noise; latency_p50_ms is the given baseline figure times the measured ratio."""
+    wide, narrow = wide_pair
+    ref = run_onnx(wide, digits_ds)
+    ms, cmp = evaluate_against_baseline(wide, [narrow], digits_ds, ref, baseline_p50_ms=2.0,
+                                        batch_size=16, threads=2, min_rounds=4, max_rounds=8)
+    m = ms[0]
+    assert m.latency is not None
+    assert m.latency.ratio == cmp.candidates[0].ratio
+    assert m.latency_p50_ms == pytest.approx(2.0 * m.latency.ratio)
+    assert m.latency.noise == cmp.noise and m.latency.control_ratio == cmp.control.ratio
+    assert m.latency.rounds == cmp.rounds and m.latency.ratio_low <= m.latency.ratio
+    assert m.size_bytes == size_on_disk(narrow) and m.quality_kind == "accuracy"
+    assert m.agreement is not None and 0.0 <= m.agreement <= 1.0

@@ -16,8 +16,9 @@ import torch
 from app.engine import pipeline
 from app.engine.planner.constraints import SLOWER_TOLERANCE, check, cost_reasons, violation
 from app.engine.planner.search import SearchSpace, choose, pareto_front, rank_key
+from app.engine.stages.distill import FAMILY_SCHEDULES
 from app.engine.stages.export import sha256_file
-from app.engine.types import Candidate, Constraints, JobSpec, Metrics, Recipe
+from app.engine.types import Candidate, Constraints, JobSpec, LatencyStats, Metrics, Recipe
 from examples.zoo import MLP, digits, train
 
 pytestmark = pytest.mark.engine
@@ -53,6 +54,32 @@ def test_never_larger_never_slower_even_without_limits() -> None:
     # Within the tolerance of the baseline counts as not faster.
     slow = check(_m(0.95, 1_000_000, 10.0 * (1 - SLOWER_TOLERANCE / 2)), BASE, c)
     assert len(slow) == 1 and "not faster" in slow[0]
+
+
+def _timed(p50: float, ratio: float, half: float, noise: float) -> Metrics:
+    m = _m(0.95, 1_000_000, p50)
+    m.latency = LatencyStats(ratio=ratio, ratio_low=ratio - half, ratio_high=ratio + half,
+                             best_round=ratio, noise=noise, control_ratio=1.0 + noise / 2,
+                             rounds=20, confidence=0.9)
+    return m
+
+
+def test_never_slower_judged_against_the_measured_noise() -> None:
+    """A 7 % speed-up passed the old fixed 3 % margin; when an identical-model control in the
+    same run measured +-8 %, it is within noise and must not ship."""
+    c = Constraints()
+    within = check(_timed(9.3, 0.93, 0.02, 0.08), BASE, c)
+    assert len(within) == 1 and "not faster" in within[0] and "noise +-8.0%" in within[0]
+    # The same ratio with a quiet control (+-2 %): its interval's top 0.95 < 1 - 3 % floor.
+    assert check(_timed(9.3, 0.93, 0.02, 0.02), BASE, c) == []
+    # A wide interval of the candidate itself reaching past 1 - noise fails too.
+    assert "not faster" in check(_timed(9.3, 0.93, 0.05, 0.03), BASE, c)[0]
+    # Clearly faster than the noise: ships.
+    assert check(_timed(5.0, 0.50, 0.03, 0.08), BASE, c) == []
+    # The cheap filter and the "closest" ranking use the same rule.
+    assert cost_reasons(_timed(9.3, 0.93, 0.02, 0.08), BASE, c)
+    assert violation(_timed(9.3, 0.93, 0.02, 0.08), BASE, c)[1] == 1
+    assert violation(_timed(5.0, 0.50, 0.03, 0.08), BASE, c) == (0.0, 0)
 
 
 def test_violation_orders_closest_first() -> None:
@@ -187,3 +214,43 @@ def test_explicit_recipe_skips_search(mlp_files: tuple[Path, Path], tmp_path: Pa
     assert len(r.candidates) == 1
     assert r.best.recipe.prune_ratio == 0.5 and r.best.recipe.quant == "int8_static"
     assert r.report["recipe"]["prune_ratio"] == 0.5
+
+
+def test_identical_speed_candidate_rejected_finalists_remeasured(
+    mlp_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """fp16 at prune 0 % computes in fp32 (ONNX Runtime folds the casts): the same speed as
+    the baseline, half the size. It must fail never-slower against the identical-model control;
+    the chosen one and its competitors are re-measured before choosing; report.json says how
+    noisy the measurement was."""
+    model, data = mlp_files
+    space = SearchSpace(prune_ratios=(0.0, 0.6), quant_schemes=("fp16", "none"), max_distill=0)
+    r = pipeline.run(model, data, _spec(), tmp_path, space=space)
+    recipes = [(c.recipe.prune_ratio, c.recipe.quant) for c in r.candidates]
+    assert recipes == [(0.0, "fp16"), (0.6, "fp16"), (0.6, "none")]
+    same = r.candidates[0]
+    assert same.metrics.latency is not None
+    assert not same.feasible and any("not faster" in x for x in same.reasons), same.reasons
+    assert same.metrics.size_bytes < r.baseline.size_bytes * 0.6  # only latency rejects it
+    assert r.status == "succeeded" and r.best.recipe == r.candidates[1].recipe
+    lat = r.report["latency"]
+    # Two side-by-side runs: all three candidates, then the finalists (all three again: the
+    # chosen one and two competitors that pass every rule but latency).
+    assert len(lat["runs"]) == 2 and sorted(lat["finalists_remeasured"]) == [0, 1, 2]
+    assert len(lat["runs"][1]["timed"]) == 3 and lat["runs"][1]["timed"][0] == "prune 60% fp16"
+    for run in lat["runs"]:
+        ctl = run["control"]
+        assert ctl["low"] <= ctl["ratio"] <= ctl["high"] and run["rounds"] >= 8
+        assert run["noise"] == pytest.approx(max(abs(ctl["ratio"] - 1), ctl["high"] - 1,
+                                                 1 - ctl["low"]))
+    assert lat["control_ratios"] == [run["control"]["ratio"] for run in lat["runs"]]
+    # The chosen one's figures are those of the finalists' run.
+    chosen = r.best.metrics.latency
+    assert chosen is not None and lat["chosen"]["ratio"] == chosen.ratio
+    assert chosen.ratio == lat["runs"][1]["candidates"][0]["ratio"]
+    assert chosen.ratio_high < 1.0 - max(chosen.noise, 0.03)
+    assert r.best.metrics.latency_p50_ms == pytest.approx(r.baseline.latency_p50_ms
+                                                          * chosen.ratio)
+    # The search filled the MLP's family rate (no SearchSpace.lr given).
+    assert r.report["distillation"]["family"] == "dense"
+    assert all(c.recipe.lr == FAMILY_SCHEDULES["dense"].lr for c in r.candidates)

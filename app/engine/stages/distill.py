@@ -13,14 +13,26 @@ Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and consis
 student matches the teacher between the training points too, not only on them; the
 cross-entropy term mixes the two labels with the same weight.
 
-AdamW; held-out quality after every epoch (accuracy with labels, else top-1 agreement with the
+AdamW with a per-step schedule: linear warm-up over ``warmup_fraction`` of the planned steps,
+then cosine decay to ``min_lr_fraction`` of ``lr`` (a pruned student needs a high rate to
+recover and a low one to settle batch-norm statistics and fake-quant ranges). The planned steps
+are ``epochs`` epochs; if after the first epoch the time budget cannot hold them, the plan
+shrinks once to the epochs that fit, so the decay still happens. The learning rate and warm-up
+suit the model family (:func:`model_family`, :data:`FAMILY_SCHEDULES`): attention /
+LayerNorm models collapse at the rates BN CNNs need (a ViT fell from 75 % to chance in one
+epoch at 5e-3).
+
+Held-out quality after every epoch (accuracy with labels, else top-1 agreement with the
 teacher, or mean cosine for embeddings), ties broken by the held-out distillation loss (a
 300-sample accuracy moves in steps of 0.33 points, so equal accuracy with a lower loss is still
-progress); the best state is kept (a float student's untrained
-start counts, so distillation never returns a worse one than it got; a QAT student's start has
-no quantization ranges yet, so its first trained epoch replaces it); early stopping after
-``patience`` epochs without improvement; the clock is checked between batches against
-``time_budget_s``.
+progress); the best state is kept. The untrained start counts: a student no trained epoch
+improves on is rolled back to its start (``DistillReport.rolled_back``), so distillation never
+returns a worse one than it got. A QAT student's start has no quantization ranges yet, so its
+start is judged (and kept for the roll-back) as a calibrated copy, while training continues on
+the uncalibrated original (calibrating the trained student up front in eval mode cost DWCNN 3.3
+points: a freshly pruned model's eval-mode activations set ranges far too wide for the moving
+average to undo). Early stopping after ``patience`` epochs without improvement; the clock is
+checked between batches against ``time_budget_s``.
 ``on_progress`` is called once per epoch and may raise (``errors.Cancelled``) to stop the run:
 the exception propagates to the caller.
 """
@@ -46,6 +58,7 @@ if TYPE_CHECKING:
     from app.engine.formats.data import Dataset
 
 Task = Literal["auto", "classifier", "embedding"]
+Family = Literal["transformer", "cnn", "dense"]
 StopReason = Literal["epochs", "early_stopping", "time_budget"]
 QualityKind = Literal["accuracy", "agreement", "cosine"]
 
@@ -66,7 +79,7 @@ class DistillConfig:
     epochs: int = 10
     temperature: float = 4.0  # softening of both logit sets in the KL term
     alpha: float = 0.7  # weight of the KL term vs cross-entropy (labels only)
-    lr: float = 1e-3  # AdamW learning rate
+    lr: float = 1e-3  # AdamW peak learning rate (after warm-up)
     batch_size: int = 64
     patience: int = 2  # epochs without holdout improvement before stopping
     time_budget_s: float = 300.0  # wall seconds for the whole call (teacher pass included)
@@ -77,6 +90,8 @@ class DistillConfig:
     # Beta(mixup, mixup) mixing weight per sample; 0 = off. Needs float inputs (not token
     # ids) and costs one teacher forward pass per batch.
     mixup: float = 0.0
+    warmup_fraction: float = 0.0  # of the planned steps, linear from 0 to ``lr``
+    min_lr_fraction: float = 0.05  # cosine decay ends at lr * this; 1.0 = constant rate
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.patience < 1:
@@ -85,6 +100,70 @@ class DistillConfig:
             raise ValueError("alpha in [0, 1], temperature > 0 and lr > 0 are required")
         if self.mixup < 0:
             raise ValueError("mixup (the Beta distribution parameter) must be >= 0")
+        if not 0.0 <= self.warmup_fraction < 1.0 or not 0.0 <= self.min_lr_fraction <= 1.0:
+            raise ValueError("warmup_fraction in [0, 1) and min_lr_fraction in [0, 1] are required")
+
+
+@dataclass(frozen=True)
+class FamilySchedule:
+    """Distillation rate and warm-up that suit a model family (see ``FAMILY_SCHEDULES``)."""
+
+    lr: float
+    warmup_fraction: float
+
+
+# Pruned students start far from the teacher. BN CNNs and MLPs recover at AdamW 5e-3 (1e-3
+# was too slow in a few epochs; the zoo's fp32 models train at 3e-3 .. 1e-2). Attention /
+# LayerNorm models need a rate an order lower with a warm-up (transformer fine-tuning uses
+# 1e-4 .. 5e-4): at 5e-3 a pruned int8 ViT fell from 75 % to chance in its first epoch.
+FAMILY_SCHEDULES: dict[Family, FamilySchedule] = {
+    "transformer": FamilySchedule(lr=3e-4, warmup_fraction=0.1),
+    "cnn": FamilySchedule(lr=5e-3, warmup_fraction=0.05),
+    "dense": FamilySchedule(lr=5e-3, warmup_fraction=0.05),
+}
+
+_ATTENTION_OPS = ("scaled_dot_product_attention", "softmax")
+
+
+def model_family(model: nn.Module) -> Family:
+    """"transformer" if the graph has attention or more LayerNorm than BatchNorm layers,
+    "cnn" if it has convolutions, else "dense".
+
+    Attention shows as a ``scaled_dot_product_attention`` / ``softmax`` call in an FX graph
+    (``graph.modularize`` output) or an ``nn.MultiheadAttention`` module in eager code.
+
+    >>> model_family(nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8)))
+    'cnn'
+    """
+    mods = list(model.modules())
+    layer_norms = sum(isinstance(m, nn.LayerNorm) for m in mods)
+    batch_norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods)
+    attention = any(isinstance(m, nn.MultiheadAttention) for m in mods)
+    if isinstance(model, torch.fx.GraphModule):
+        attention = attention or any(
+            n.op == "call_function" and any(a in str(n.target) for a in _ATTENTION_OPS)
+            for n in model.graph.nodes)
+    if attention or layer_norms > batch_norms:
+        return "transformer"
+    if any(isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) for m in mods):
+        return "cnn"
+    return "dense"
+
+
+def lr_factor(step: int, total: int, config: DistillConfig) -> float:
+    """Multiplier of ``config.lr`` at optimizer step ``step`` (0-based) of ``total`` planned.
+
+    >>> cfg = DistillConfig(warmup_fraction=0.2, min_lr_fraction=0.0)
+    >>> [round(lr_factor(s, 10, cfg), 3) for s in (0, 1, 2, 5, 9)]
+    [0.333, 0.667, 1.0, 0.691, 0.038]
+    """
+    warm = round(config.warmup_fraction * total)
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    span = max(total - warm, 1)
+    t = min((step - warm) / span, 1.0)
+    floor = config.min_lr_fraction
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 @dataclass
@@ -97,6 +176,7 @@ class DistillReport:
     quality_kind: QualityKind = "accuracy"
     initial_holdout_quality: float = math.nan  # the student before any training
     best_epoch: int = 0  # 0 = the untrained start was best
+    rolled_back: bool = False  # training ran but no epoch beat the start: the start returned
 
 
 def _first(out: object) -> torch.Tensor:
@@ -241,22 +321,22 @@ def distill(
     if mixup:
         teacher.to(device)  # labels every mixed batch
 
-    def evaluate() -> tuple[float, QualityKind, float]:
-        set_training(student, False)
-        out = _predict(student, hx, bs, device)
+    def evaluate(model: nn.Module) -> tuple[float, QualityKind, float]:
+        set_training(model, False)
+        out = _predict(model, hx, bs, device)
         q, k = _quality(out, t_hold, hy_dev, classifier)
         return q, k, float(_loss(out, t_hold, hy_dev, classifier, config))
 
-    best, kind, best_loss = evaluate()
-    initial = best
     # A fresh QAT student has never observed data: its ranges are (inf, -inf), so its start
-    # state cannot be converted (torchao: "min inf should be less than max -inf"). The first
-    # trained epoch therefore always replaces it; if none ran, it is calibrated at the end.
-    # (Calibrating up front instead, in eval mode, cost DWCNN 3.3 points: a freshly pruned
-    # model's eval-mode activations set ranges far too wide for the moving average to undo.)
-    quant_aware = _has_fake_quant(student)
-    if quant_aware:
-        best = -math.inf
+    # state can be neither judged fairly nor converted (torchao: "min inf should be less than
+    # max -inf"). Its start is a calibrated copy; training goes on with the original (module
+    # doc: calibrating the trained one up front costs accuracy).
+    start_model: nn.Module | None = None
+    if _has_fake_quant(student):
+        start_model = copy.deepcopy(student)
+        _calibrate_observers(start_model, xs, bs, device)
+    best, kind, best_loss = evaluate(start_model or student)
+    initial = best
     best_state = copy.deepcopy(student.state_dict())
     best_epoch = 0
     history: list[dict[str, float]] = []
@@ -266,6 +346,11 @@ def distill(
     opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     n = int(xs[0].shape[0])
+    steps_per_epoch = n // bs + (1 if n % bs >= 2 else 0)  # a 1-sample last batch is skipped
+    planned = [max(config.epochs * steps_per_epoch, 1)]  # total steps; may shrink (module doc)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, planned[0], config))
+    train_start = time.monotonic()
 
     for epoch in range(1, config.epochs + 1):
         if time.monotonic() - start >= config.time_budget_s:
@@ -298,10 +383,18 @@ def distill(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
+        if epoch == 1 and not out_of_time:
+            # The budget cannot hold the planned epochs: plan the epochs that fit, so the
+            # learning rate still decays before the clock stops the run.
+            epoch_s = max(time.monotonic() - train_start, 1e-6)
+            fit = 1 + int((config.time_budget_s - (time.monotonic() - start)) / epoch_s)
+            if fit < config.epochs:
+                planned[0] = max(fit * steps_per_epoch, 1)
         if seen:
-            quality, kind, hold_loss = evaluate()
+            quality, kind, hold_loss = evaluate(student)
         else:
             quality, hold_loss = math.nan, math.nan
         history.append({
@@ -328,14 +421,15 @@ def distill(
             break
 
     teacher.to(teacher_device)
-    student.load_state_dict(best_state)
-    if quant_aware and best_epoch == 0:
-        _calibrate_observers(student, xs, bs, device)
-        best = initial
+    rolled_back = epochs_run > 0 and best_epoch == 0
+    if best_epoch == 0 and start_model is not None:
+        student = start_model
+    else:
+        student.load_state_dict(best_state)
     set_training(student, False)
     student.to(torch.device("cpu"))
     return DistillReport(
         student=student, epochs_run=epochs_run, best_holdout_quality=best, history=history,
         stopped_reason=reason, quality_kind=kind, initial_holdout_quality=initial,
-        best_epoch=best_epoch,
+        best_epoch=best_epoch, rolled_back=rolled_back,
     )

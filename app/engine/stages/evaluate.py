@@ -2,7 +2,11 @@
 
 Conventions (units in names):
 - latency in milliseconds per ``session.run`` call at the given batch; p50/p95 over all timed
-  runs of the interleaved rounds.
+  runs of the interleaved rounds. A candidate is judged by its ratio to the baseline measured
+  side by side (``compare_latency``: per-round medians, median of per-round ratios with a
+  distribution-free interval, an identical-model control for the noise); on 2 loaded cores a
+  p50 of single runs measured an identical model anywhere in 0.30x-1.05x of itself, the control
+  ratio 0.91x-1.05x in the same runs (bench/latency_control.py).
 - MACs = multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul (and their integer/QLinear
   forms) for the given input shapes; ``evaluate_onnx`` reports them for batch 1 (per sample).
   Elementwise ops, norms and pooling are not counted (they are a few % on these models).
@@ -14,10 +18,13 @@ Conventions (units in names):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
@@ -26,7 +33,10 @@ from onnx import TensorProto
 
 from app.engine.formats.data import Dataset
 from app.engine.formats.onnx_safe import external_data_files
-from app.engine.types import Metrics, QualityKind, QualityMetric
+from app.engine.types import LatencyStats, Metrics, QualityKind, QualityMetric
+
+if TYPE_CHECKING:
+    from app.engine.stages.quality import Scorer
 
 Feed = Sequence[np.ndarray] | Mapping[str, np.ndarray]
 
@@ -103,30 +113,209 @@ def run_onnx(
     return np.concatenate(outs) if outs else np.empty((0,), np.float32)
 
 
+def _timed_rounds(
+    sessions: Sequence[ort.InferenceSession], feeds: Sequence[dict[str, np.ndarray]], *,
+    round_index: int, runs_per_round: int,
+) -> list[list[float]]:
+    """One interleaved round: ``runs_per_round`` timed runs (ms) of every session in turn.
+
+    The order rotates with ``round_index``, so no session always runs right after another.
+    """
+    k = len(sessions)
+    times: list[list[float]] = [[] for _ in sessions]
+    for j in range(k):
+        idx = (round_index + j) % k
+        s, f = sessions[idx], feeds[idx]
+        for _ in range(runs_per_round):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            times[idx].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _warm(sessions: Sequence[ort.InferenceSession], feeds: Sequence[dict[str, np.ndarray]],
+          warmup: int) -> None:
+    for s, f in zip(sessions, feeds, strict=True):
+        for _ in range(warmup):
+            s.run(None, f)
+
+
 def latency_ms(
     sessions: Sequence[ort.InferenceSession], feed_batch: Feed, *, warmup: int = 5,
     rounds: int = 7, runs_per_round: int = 10,
 ) -> list[tuple[float, float]]:
-    """(p50, p95) in ms per session, measured interleaved side by side.
+    """(p50, p95) in ms per session over all timed runs of ``rounds`` interleaved rounds.
 
-    Each round times ``runs_per_round`` single runs of every session, rotating which session
-    goes first, so that machine noise (other jobs on the 2 shared cores) hits all alike.
+    Absolute figures: use :func:`compare_latency` to judge one model against another.
     """
     feeds = [_feed(s, feed_batch) for s in sessions]
-    for s, f in zip(sessions, feeds, strict=True):
-        for _ in range(warmup):
-            s.run(None, f)
+    _warm(sessions, feeds, warmup)
     times: list[list[float]] = [[] for _ in sessions]
-    k = len(sessions)
     for r in range(rounds):
-        for j in range(k):
-            idx = (r + j) % k
-            s, f = sessions[idx], feeds[idx]
-            for _ in range(runs_per_round):
-                t0 = time.perf_counter()
-                s.run(None, f)
-                times[idx].append((time.perf_counter() - t0) * 1e3)
+        for acc, t in zip(times, _timed_rounds(sessions, feeds, round_index=r,
+                                               runs_per_round=runs_per_round), strict=True):
+            acc.extend(t)
     return [(float(np.percentile(t, 50)), float(np.percentile(t, 95))) for t in times]
+
+
+BLOCK_MS = 5.0  # ms of baseline runs per session per round (compare_latency's default)
+
+LATENCY_METHOD = (
+    "interleaved rounds (rotating order) of several runs per session; per-round medians; "
+    "ratio = median over rounds of candidate / baseline round medians, with a "
+    "distribution-free confidence interval of that median; rounds until every interval is "
+    "narrow enough or a round / time cap; noise = how far the interval of an identical-model "
+    "control (a second session of the baseline) reaches from 1"
+)
+
+
+def median_ci(values: Sequence[float], confidence: float) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: order statistics (k, n + 1 - k).
+
+    k is the largest rank with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2, so the interval
+    covers the true median with at least ``confidence`` whatever the distribution of the
+    values (load bursts on shared cores are far from normal). Too few values for that
+    confidence give (min, max).
+
+    >>> median_ci([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0], 0.9)
+    (2.0, 8.0)
+    """
+    x = sorted(values)
+    n = len(x)
+    if n == 0:
+        raise ValueError("median_ci of no values")
+    tail = (1.0 - confidence) / 2.0
+    k, cdf = 0, 0.0  # cdf = P(B <= k - 1) for the current k + 1 candidate rank
+    while k < n // 2:
+        cdf += math.comb(n, k) / 2.0**n
+        if cdf > tail:
+            break
+        k += 1
+    k = max(k, 1)
+    return x[k - 1], x[n - k]
+
+
+@dataclass(frozen=True)
+class RatioEstimate:
+    """One session's latency relative to the baseline session measured in the same rounds."""
+
+    ratio: float  # median over rounds of (session round median / baseline round median)
+    low: float  # confidence interval of ``ratio`` (median_ci over the per-round ratios)
+    high: float
+    best_round: float  # fastest round median of the session / fastest of the baseline
+    p50_ms: float  # over every timed run of the session
+    p95_ms: float
+
+    @property
+    def half_width(self) -> float:
+        """Relative half-width of the interval (0.03 = +-3 %)."""
+        return max(self.high / self.ratio - 1.0, 1.0 - self.low / self.ratio)
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Result of :func:`compare_latency` (ms at the measured batch / threads)."""
+
+    baseline_p50_ms: float
+    baseline_p95_ms: float
+    candidates: list[RatioEstimate]
+    control: RatioEstimate  # the baseline model measured as if it were a candidate
+    rounds: int
+    runs_per_round: int
+    confidence: float
+    stopped: Literal["precise", "max_rounds", "time"]
+
+    @property
+    def noise(self) -> float:
+        """How far the control's interval reaches from 1.0 (0.04: identical within +-4 %)."""
+        c = self.control
+        return max(abs(c.ratio - 1.0), c.high - 1.0, 1.0 - c.low)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": LATENCY_METHOD, "rounds": self.rounds,
+            "runs_per_round": self.runs_per_round, "confidence": self.confidence,
+            "stopped": self.stopped, "noise": self.noise, "control": self.control.to_dict(),
+            "baseline_p50_ms": self.baseline_p50_ms, "baseline_p95_ms": self.baseline_p95_ms,
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+
+def compare_latency(
+    baseline: ort.InferenceSession, candidates: Sequence[ort.InferenceSession], feed_batch: Feed,
+    *, control: ort.InferenceSession, warmup: int = 5, runs_per_round: int | None = None,
+    min_rounds: int = 8, max_rounds: int = 200, target_half_width: float = 0.03,
+    confidence: float = 0.9, max_seconds: float = 20.0,
+) -> LatencyComparison:
+    """Latency of each candidate relative to ``baseline``, robust to a loaded machine.
+
+    ``control`` must be a second session of the baseline's own model: it is measured exactly
+    like a candidate, so its ratio shows what "no difference" looks like in this run (the
+    measured noise). Every round times ``runs_per_round`` runs of each session in turn
+    (default: enough for a block of about ``BLOCK_MS`` of the baseline, 5 .. 50 runs: one
+    scheduler time slice lost to another process then moves a block's median, not its runs')
+    (rotating order) and keeps each session's median; a load burst then hits one round of
+    every session rather than one session's whole figure, and the per-round ratio cancels the
+    load common to the round. Rounds continue from ``min_rounds`` until every ratio's interval
+    (candidates and control) is within ``target_half_width`` or ``max_rounds`` / ``max_seconds``
+    (wall seconds of timing) is reached.
+
+    >>> s = make_session(path); cmp = compare_latency(s, [make_session(q)], feed,
+    ...                                               control=make_session(path))
+    >>> cmp.candidates[0].ratio, cmp.noise   # e.g. (0.41, 0.03): 2.4x faster, noise +-3 %
+    """
+    if min_rounds < 1 or max_rounds < min_rounds or (runs_per_round or 1) < 1:
+        raise ValueError("1 <= min_rounds <= max_rounds and runs_per_round >= 1 are required")
+    sessions = [baseline, control, *candidates]
+    feeds = [_feed(s, feed_batch) for s in sessions]
+    _warm(sessions, feeds, warmup)
+    if runs_per_round is None:
+        one = float(np.median(_timed_rounds([baseline], feeds[:1], round_index=0,
+                                            runs_per_round=5)[0]))
+        runs_per_round = int(min(max(math.ceil(BLOCK_MS / max(one, 1e-3)), 5), 50))
+    all_times: list[list[float]] = [[] for _ in sessions]
+    medians: list[list[float]] = [[] for _ in sessions]  # [session][round], ms
+
+    def estimates() -> list[RatioEstimate]:
+        base = np.asarray(medians[0])
+        out = []
+        for k in range(1, len(sessions)):
+            per_round = (np.asarray(medians[k]) / base).tolist()
+            lo, hi = median_ci(per_round, confidence)
+            out.append(RatioEstimate(
+                ratio=float(np.median(per_round)), low=float(lo), high=float(hi),
+                best_round=float(min(medians[k]) / min(medians[0])),
+                p50_ms=float(np.percentile(all_times[k], 50)),
+                p95_ms=float(np.percentile(all_times[k], 95))))
+        return out
+
+    start = time.perf_counter()
+    stopped: Literal["precise", "max_rounds", "time"] = "max_rounds"
+    rounds = 0
+    while rounds < max_rounds:
+        times = _timed_rounds(sessions, feeds, round_index=rounds, runs_per_round=runs_per_round)
+        rounds += 1
+        for k, t in enumerate(times):
+            all_times[k].extend(t)
+            medians[k].append(float(np.median(t)))
+        if rounds < min_rounds:
+            continue
+        if all(e.half_width <= target_half_width for e in estimates()):
+            stopped = "precise"
+            break
+        if time.perf_counter() - start >= max_seconds:
+            stopped = "time"
+            break
+    est = estimates()
+    return LatencyComparison(
+        baseline_p50_ms=float(np.percentile(all_times[0], 50)),
+        baseline_p95_ms=float(np.percentile(all_times[0], 95)),
+        candidates=est[1:], control=est[0], rounds=rounds, runs_per_round=runs_per_round,
+        confidence=confidence, stopped=stopped,
+    )
 
 
 # ---------------------------------------------------------------------------- quality
@@ -327,7 +516,8 @@ def size_on_disk(onnx_path: Path) -> int:
 # ---------------------------------------------------------------------------- all together
 
 
-def _latency_feed(data: Dataset, names: Sequence[str], batch_size: int) -> dict[str, np.ndarray]:
+def latency_feed(data: Dataset, names: Sequence[str], batch_size: int) -> dict[str, np.ndarray]:
+    """The first ``batch_size`` samples of ``data`` (repeated if fewer) as a session feed."""
     arrays = _ordered_arrays(data, names)
     idx = np.arange(batch_size) % max(data.samples, 1)
     return {n: np.ascontiguousarray(a[idx]) for n, a in zip(names, arrays, strict=True)}
@@ -337,40 +527,102 @@ def evaluate_onnx(
     onnx_path: Path, data: Dataset, reference_outputs: np.ndarray | None, *,
     batch_size: int = 1, threads: int = 2, infer_batch_size: int = 64,
     latency: tuple[float, float] | None = None, metric: QualityMetric = "auto",
+    session: ort.InferenceSession | None = None, scorer: Scorer | None = None,
+    baseline_scores: np.ndarray | None = None,
 ) -> Metrics:
     """Full Metrics of one ONNX model on ``data``.
 
     ``batch_size`` / ``threads`` are the deployment target used for latency (the first
     ``batch_size`` samples, repeated if fewer). Pass ``latency`` = (p50, p95) when the caller
-    measured it side by side with other candidates via ``latency_ms``; else it is measured
-    here alone. Quality uses ``infer_batch_size`` for throughput only.
+    measured it side by side (see :func:`evaluate_against_baseline`); else it is measured here
+    alone. ``session``: an open session of ``onnx_path`` to reuse. Quality uses
+    ``infer_batch_size`` for throughput only. ``scorer`` (a resolved
+    ``stages.quality.Scorer``, the job's metric) replaces ``metric`` / ``reference_outputs``;
+    with ``baseline_scores`` (the baseline's per-sample scores on the same ``data``) the paired
+    95 % interval of the drop is set too.
     """
+    from app.engine.stages.quality import drop_interval
+
     onnx_path = Path(onnx_path)
-    sess = make_session(onnx_path, threads=threads)
+    sess = session or make_session(onnx_path, threads=threads)
     outputs = run_onnx(sess, data, batch_size=infer_batch_size)
-    q, kind, per_class, agreement = quality(outputs, reference_outputs, data.labels, metric)
+    ci = None
+    if scorer is None:
+        q, kind, per_class, agreement = quality(outputs, reference_outputs, data.labels, metric)
+    else:
+        s = scorer.score(outputs)
+        q, kind, per_class, agreement = s.quality, scorer.kind, s.per_class, s.agreement
+        if baseline_scores is not None:
+            ci = drop_interval(scorer.kind, baseline_scores, s.per_sample)
     names = [i.name for i in sess.get_inputs()]
     fixed = _static_batch(sess)
-    lat_batch = fixed or batch_size
     if latency is None:
-        latency = latency_ms([sess], _latency_feed(data, names, lat_batch))[0]
+        latency = latency_ms([sess], latency_feed(data, names, fixed or batch_size))[0]
     arrays = _ordered_arrays(data, names)
     shapes = {n: (fixed or 1, *a.shape[1:]) for n, a in zip(names, arrays, strict=True)}
     macs = count_macs(onnx_path, shapes) // (fixed or 1)
     return Metrics(
         quality=q, quality_kind=kind, latency_p50_ms=latency[0], latency_p95_ms=latency[1],
         size_bytes=size_on_disk(onnx_path), parameters=count_params(onnx_path), macs=macs,
-        per_class_accuracy=per_class, agreement=agreement,
+        per_class_accuracy=per_class, agreement=agreement, quality_drop_ci95=ci,
     )
 
 
+def evaluate_against_baseline(
+    baseline: Path, candidates: Sequence[Path], data: Dataset,
+    reference_outputs: np.ndarray | None, *, baseline_p50_ms: float | None = None,
+    batch_size: int = 1, threads: int = 2, scorer: Scorer | None = None,
+    baseline_scores: np.ndarray | None = None, **compare: Any,
+) -> tuple[list[Metrics], LatencyComparison]:
+    """Metrics of every candidate, its latency judged against ``baseline`` side by side.
+
+    Latency comes from one :func:`compare_latency` run of all candidates with the baseline
+    and an identical-model control (a second session of ``baseline``); each candidate's
+    ``latency_p50_ms`` is ``baseline_p50_ms * ratio`` (``baseline_p50_ms``: the baseline's
+    own figure, default its p50 in this run), so load that changes between two measurement
+    runs does not move one candidate against another. ``Metrics.latency`` holds the ratio,
+    its interval and the run's noise. ``scorer`` / ``baseline_scores``: as in
+    :func:`evaluate_onnx`. ``compare``: keyword arguments of ``compare_latency``.
+
+    >>> ms, cmp = evaluate_against_baseline(fp32, [int8], holdout, ref, batch_size=8)
+    >>> ms[0].latency.ratio, cmp.noise
+    """
+    base = make_session(Path(baseline), threads=threads)
+    sessions = [make_session(Path(p), threads=threads) for p in candidates]
+    feed = latency_feed(data, [i.name for i in base.get_inputs()],
+                        _static_batch(base) or batch_size)
+    cmp = compare_latency(base, sessions, feed, control=make_session(Path(baseline),
+                                                                       threads=threads),
+                          **compare)
+    ref_p50 = cmp.baseline_p50_ms if baseline_p50_ms is None else baseline_p50_ms
+    scale = ref_p50 / cmp.baseline_p50_ms if cmp.baseline_p50_ms > 0 else 1.0
+    out: list[Metrics] = []
+    for path, sess, est in zip(candidates, sessions, cmp.candidates, strict=True):
+        m = evaluate_onnx(Path(path), data, reference_outputs, batch_size=batch_size,
+                          threads=threads, latency=(ref_p50 * est.ratio, est.p95_ms * scale),
+                          session=sess, scorer=scorer, baseline_scores=baseline_scores)
+        m.latency = LatencyStats(
+            ratio=est.ratio, ratio_low=est.low, ratio_high=est.high, best_round=est.best_round,
+            noise=cmp.noise, control_ratio=cmp.control.ratio, rounds=cmp.rounds,
+            confidence=cmp.confidence)
+        out.append(m)
+    return out, cmp
+
+
 __all__ = [
+    "LATENCY_METHOD",
+    "LatencyComparison",
+    "RatioEstimate",
+    "compare_latency",
     "cosine",
     "count_macs",
     "count_params",
+    "evaluate_against_baseline",
     "evaluate_onnx",
+    "latency_feed",
     "latency_ms",
     "make_session",
+    "median_ci",
     "quality",
     "run_onnx",
     "size_on_disk",
