@@ -45,7 +45,7 @@ def bootstrap_dev_key(settings: Settings) -> str | None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from app.api import errors
+    from app.api import dashboard, errors
     from app.api.health import router as health_router
     from app.api.hygiene import RejectNulMiddleware
     from app.api.metrics import MetricsMiddleware
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)  # outermost: refused requests are counted too
     for r in (health_router, models.router, datasets.router, jobs.router):
         app.include_router(r)
+    dashboard.install(app)
     return app
 
 
