@@ -152,8 +152,7 @@ function jobsView() {
                        onJob: (j) => rows.get(j.id)?.update(j),
                        onEvent: (type, data) => {
                          if (type === "progress" && rows.has(job.id)) {
-                           rows.get(job.id).update({ ...job, ...pickLive(data), id: job.id,
-                                                     status: "running" });
+                           rows.get(job.id).update({ ...job, ...pickLive(data), id: job.id });
                          }
                        } })
       .then((r) => { if (r === "unavailable") noStream = true; })
@@ -414,7 +413,7 @@ function candidatesTable(cands, front, chosen, baseline) {
     return h("tr", { class: cls || null, "data-index": c.index },
       h("td", {}, c.index, c.index === chosen ? h("span", { class: "tag" }, "chosen") : null,
         front.has(c.index) ? h("span", { class: "tag pareto" }, "Pareto") : null),
-      h("td", {}, recipeText(c.recipe)), h("td", { class: "num" }, size(m.size_bytes)),
+      h("td", { class: "recipe" }, recipeText(c.recipe)), h("td", { class: "num" }, size(m.size_bytes)),
       h("td", { class: "num" }, baseline ? ratio(baseline.size_bytes / m.size_bytes) : "–"),
       h("td", { class: "num" }, ms(m.latency_p50_ms)), h("td", { class: "num" }, ms(m.latency_p95_ms)),
       h("td", { class: "num" }, baseline ? ratio(baseline.latency_p50_ms / m.latency_p50_ms) : "–"),
@@ -478,11 +477,14 @@ function jobView(id) {
                   stageStart: null, mode: null, resultsFor: null };
   show(h("p", {}, h("a", { href: "#/jobs" }, "← Jobs")), head, stages, results);
 
-  function observe(job) {  // wall time per stage as seen from here, for a job still running
-    const now = performance.now() / 1000;
+  // Wall seconds per stage of a job still running (the worker's own figures replace them
+  // when it ends): at the event's server time when it has one (a replayed stream gives the
+  // real history), else when this page saw the change.
+  function observe(job, at) {
+    const now = Number.isFinite(at) ? at : Date.now() / 1000;
     if (state.stageStart && state.stageStart.stage !== job.stage) {
       const s = state.stageStart.stage;
-      state.observed.set(s, (state.observed.get(s) ?? 0) + now - state.stageStart.t);
+      state.observed.set(s, (state.observed.get(s) ?? 0) + Math.max(0, now - state.stageStart.t));
       state.stageStart = null;
     }
     if (job.status === "running" && job.stage && !state.stageStart) {
@@ -607,7 +609,7 @@ function jobView(id) {
         if (!state.report) renderResults();
       } else if (type === "progress" || type === "stage") {
         state.job = { ...state.job, ...pickLive(data) };
-        observe(state.job);
+        observe(state.job, data && data.at ? Date.parse(data.at) / 1000 : undefined);
         renderHead();
       }
     },
