@@ -403,24 +403,24 @@ function timeline(job, observed) {
 }
 
 function candidatesTable(cands, front, chosen, baseline) {
-  const head = ["#", "Recipe", "Size", "Smaller", "p50", "p95", "Faster", "Quality", "Δ pts",
-                "Feasible", "Why not"];
+  const head = ["#", "Recipe", "Size", "Smaller", "p50 / p95", "Faster", "Quality", "Δ pts",
+                "Feasible"];
   const rows = cands.map((c) => {
     const m = c.metrics;
     const dq = baseline && m.quality != null ? (m.quality - baseline.quality) * 100 : null;
     const cls = [c.index === chosen ? "chosen" : "", front.has(c.index) ? "front" : ""]
       .filter(Boolean).join(" ");
-    return h("tr", { class: cls || null, "data-index": c.index },
+    return h("tr", { class: cls || null, "data-index": c.index, "data-feasible": c.feasible },
       h("td", {}, c.index, c.index === chosen ? h("span", { class: "tag" }, "chosen") : null,
         front.has(c.index) ? h("span", { class: "tag pareto" }, "Pareto") : null),
       h("td", { class: "recipe" }, recipeText(c.recipe)), h("td", { class: "num" }, size(m.size_bytes)),
       h("td", { class: "num" }, baseline ? ratio(baseline.size_bytes / m.size_bytes) : "–"),
-      h("td", { class: "num" }, ms(m.latency_p50_ms)), h("td", { class: "num" }, ms(m.latency_p95_ms)),
+      h("td", { class: "num" }, `${ms(m.latency_p50_ms)} / ${ms(m.latency_p95_ms)}`),
       h("td", { class: "num" }, baseline ? ratio(baseline.latency_p50_ms / m.latency_p50_ms) : "–"),
       h("td", { class: "num" }, pct(m.quality)),
       h("td", { class: `num ${dq != null && dq < 0 ? "neg" : ""}` }, dq == null ? "–" : `${dq >= 0 ? "+" : ""}${dq.toFixed(2)}`),
-      h("td", {}, c.feasible ? "yes" : "no"),
-      h("td", { class: "reasons" }, (c.reasons || []).join("; ")));
+      h("td", { class: c.feasible ? "feasible" : "reasons" },
+        c.feasible ? "yes" : `no: ${(c.reasons || []).join("; ")}`));
   });
   return h("table", { id: "candidates", class: "candidates" },
            h("thead", {}, h("tr", {}, head.map((t) => h("th", {}, t)))), h("tbody", {}, rows));
@@ -576,7 +576,7 @@ function jobView(id) {
     }), h("figcaption", {}, `x: model.onnx size, y: ONNX Runtime p50 at batch ${c.batch_size ?? 1}` +
         `, ${c.threads ?? 2} threads; colour: ${kind}. Pareto-optimal on size, latency and ${kind}.`)));
     parts.push(h("h2", {}, `Candidates (${cands.length})`),
-               candidatesTable(cands, front, chosen, baseline));
+               h("div", { class: "table-wrap" }, candidatesTable(cands, front, chosen, baseline)));
     const deltas = perClassDeltas(baseline, chosenC && chosenC.metrics);
     if (deltas) parts.push(h("h2", {}, "Per-class accuracy, chosen vs baseline"), deltas);
     if (state.artifacts) {
