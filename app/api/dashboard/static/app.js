@@ -410,7 +410,7 @@ function candidatesTable(cands, front, chosen, baseline) {
     const dq = baseline && m.quality != null ? (m.quality - baseline.quality) * 100 : null;
     const cls = [c.index === chosen ? "chosen" : "", front.has(c.index) ? "front" : ""]
       .filter(Boolean).join(" ");
-    return h("tr", { class: cls || null, "data-index": c.index, "data-feasible": c.feasible },
+    return h("tr", { class: cls || null, "data-index": c.index, "data-feasible": String(c.feasible) },
       h("td", {}, c.index, c.index === chosen ? h("span", { class: "tag" }, "chosen") : null,
         front.has(c.index) ? h("span", { class: "tag pareto" }, "Pareto") : null),
       h("td", { class: "recipe" }, recipeText(c.recipe)), h("td", { class: "num" }, size(m.size_bytes)),
