@@ -365,8 +365,8 @@ function constraintsText(c) {
 function activityText(a) {
   if (!a || typeof a !== "object") return null;
   const parts = [];
-  if (a.candidate_index != null && a.candidates_total != null) {
-    parts.push(`candidate ${a.candidate_index + 1} of ${a.candidates_total}`);
+  if (a.candidate_index != null) {  // 1-based
+    parts.push(`candidate ${a.candidate_index}${a.candidates_total != null ? ` of ${a.candidates_total}` : ""}`);
   }
   if (a.candidate) parts.push(typeof a.candidate === "string" ? a.candidate : recipeText(a.candidate));
   if (a.epoch != null) parts.push(`epoch ${a.epoch}${a.epochs_total != null ? ` of ${a.epochs_total}` : ""}`);
@@ -382,8 +382,12 @@ function timeline(job, observed) {
                         "data-stage": "queued" },
                 h("span", { class: "name" }, "queued"),
                 h("span", { class: "secs" }, seconds(queued))));
-  const total = STAGES.reduce((a, s) => a + (secs[s] ?? observed.get(s) ?? 0), 0);
-  for (const s of STAGES) {
+  // Stages this page does not know (a server newer than it: "store") go before the end.
+  const extra = [...Object.keys(secs), ...observed.keys(), job.stage]
+    .filter((s) => s && s !== "done" && !STAGES.includes(s));
+  const stages = [...STAGES, ...new Set(extra)];
+  const total = stages.reduce((a, s) => a + (secs[s] ?? observed.get(s) ?? 0), 0);
+  for (const s of stages) {
     const t = secs[s] ?? observed.get(s);
     let state = "pending";
     if (job.stage === s && !terminal) state = "active";
