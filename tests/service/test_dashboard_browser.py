@@ -185,7 +185,8 @@ def test_job_submitted_through_the_page(page: Page, server: str, key: str,
             break
         time.sleep(0.2)
     elapsed = time.monotonic() - t0
-    assert seen[-1][0] == "succeeded", (seen, pg_worker.output()[-3000:])
+    assert seen[-1][0] == "succeeded", (seen, get(server, key, f"/v1/jobs/{job_id}").json(),
+                                        pg_worker.output()[-3000:])
     running = [int(pct.rstrip(" %")) for s, pct in seen if s == "running"]
     assert len(set(running)) >= 2 and running == sorted(running), seen
     assert seen[-1][1] == "100 %"
