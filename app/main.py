@@ -46,7 +46,7 @@ def bootstrap_dev_key(settings: Settings) -> str | None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from app.api import errors, openapi
+    from app.api import dashboard, errors, openapi
     from app.api.health import router as health_router
     from app.api.hygiene import RejectNulMiddleware
     from app.api.metrics import MetricsMiddleware
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for r in (health_router, models.router, datasets.router, jobs.router, events.router,
               webhooks.router):
         app.include_router(r)
+    dashboard.install(app)
     return app
 
 
