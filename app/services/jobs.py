@@ -15,9 +15,9 @@ from app.db.repositories import datasets as dataset_repo
 from app.db.repositories import jobs as repo
 from app.db.repositories import models as model_repo
 from app.db.session import run_read
-from app.engine.errors import InputMismatch
+from app.engine.errors import InputMismatch, InvalidRecipe
 from app.errors import Conflict, NotFound, Unauthorized
-from app.schemas.jobs import JobCreate, JobError, JobOut
+from app.schemas.jobs import JobActivity, JobCreate, JobError, JobOut
 from app.services import quotas
 from app.services.auth import Principal
 
@@ -44,6 +44,23 @@ def _check_inputs(model: Model, dataset: Dataset, which: str) -> None:
                 f"found {got['dtype']}{got['shape']}", details={"input": name})
 
 
+def _check_recipe(model: Model, body: JobCreate) -> None:
+    """What a recipe asks must apply to the model's format (the engine checks it again)."""
+    r = body.recipe
+    if r is None:
+        return
+    if model.format == "onnx" and (r.prune_ratio > 0 or r.distill_epochs > 0):
+        raise InvalidRecipe(
+            f"recipe asks for prune_ratio {r.prune_ratio:g} / distill_epochs "
+            f"{r.distill_epochs}, but model {model.id} is ONNX: pruning and distillation need "
+            "the PyTorch graph and are not applicable; use prune_ratio 0 and distill_epochs 0 "
+            "(ONNX Runtime quantization only), or upload a .pt2",
+            details={"model_format": "onnx"})
+    if model.format != "onnx" and r.keep_fp32:
+        raise InvalidRecipe("recipe keep_fp32 applies to ONNX models only",
+                            details={"model_format": model.format})
+
+
 def create_job(session: Session, settings: Settings, tenant_id: str, body: JobCreate) -> Job:
     model = model_repo.get(session, tenant_id, body.model_id)
     if model is None:
@@ -52,6 +69,7 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: JobCr
     if dataset is None:
         raise NotFound(f"dataset {body.dataset_id} not found")
     _check_inputs(model, dataset, "dataset")
+    _check_recipe(model, body)
     if body.eval_dataset_id is not None:
         ev = dataset_repo.get(session, tenant_id, body.eval_dataset_id)
         if ev is None:
@@ -94,10 +112,15 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
+def _activity(value: dict[str, Any] | None) -> JobActivity | None:
+    return None if value is None else JobActivity.model_validate(value)
+
+
 def to_out(job: Job) -> JobOut:
     return JobOut(
         id=job.id, status=job.status, stage=job.stage, progress=job.progress,  # type: ignore[arg-type]
-        message=job.message, attempt=job.attempt, max_attempts=job.max_attempts,
+        eta_s=job.eta_s, activity=_activity(job.activity), message=job.message,
+        attempt=job.attempt, max_attempts=job.max_attempts,
         model_id=job.model_id, dataset_id=job.dataset_id, eval_dataset_id=job.eval_dataset_id,
         device=job.device, queue=job.queue, constraints=job.constraints, recipe=job.recipe,
         metrics=job.metrics,
@@ -110,7 +133,8 @@ def to_out(job: Job) -> JobOut:
 def _out_from_row(row: Any) -> JobOut:
     return JobOut(
         id=row["id"], status=row["status"], stage=row["stage"], progress=row["progress"],
-        message=row["message"], attempt=row["attempt"], max_attempts=row["max_attempts"],
+        eta_s=row["eta_s"], activity=_activity(row["activity"]), message=row["message"],
+        attempt=row["attempt"], max_attempts=row["max_attempts"],
         model_id=row["model_id"], dataset_id=row["dataset_id"],
         eval_dataset_id=row["eval_dataset_id"], device=row["device"], queue=row["queue"],
         constraints=row["constraints"], recipe=row["recipe"], metrics=row["metrics"],

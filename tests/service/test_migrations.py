@@ -32,7 +32,7 @@ def _check(url: str) -> None:
         assert diff == [], f"models and migrations differ: {diff}"
         with engine.connect() as conn:
             rev = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one()
-        assert rev == "0002"
+        assert rev == "0003"
     finally:
         engine.dispose()
 
