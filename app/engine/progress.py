@@ -27,11 +27,13 @@ from dataclasses import dataclass
 
 from app.engine.types import Activity, ProgressStatus
 
-# Seconds after a distillation's last epoch (QAT convert, ONNX export, measurement) per cheap
-# build: the planner's own estimate (planner.search), loaded machines make them slower.
-AFTER_DISTILL_BUILDS = 3.0
-EXPORT_BUILDS = 2.0  # the final export (.pt2 + ONNX parity) in cheap builds
-MEASURE_BUILDS = 0.5  # the cheap phase's measurement, per candidate, in cheap builds
+# Until measured, in cheap builds (prune + calibrate + convert + ONNX export): the seconds after
+# a distillation's last epoch (QAT convert, ONNX export, measurement), the final export (.pt2,
+# ONNX parity) and the cheap measurement per candidate. Measured on an MLP job here: 0.3, 0.1
+# and 0.1 builds; rounded up, since loaded machines slow exports more than training.
+AFTER_DISTILL_BUILDS = 0.5
+EXPORT_BUILDS = 0.25
+MEASURE_BUILDS = 0.25
 MAX_BEFORE_DONE = 0.99
 
 
@@ -104,6 +106,8 @@ class Tracker:
     def _close(self, now: float) -> None:
         if self._item is not None:
             kind = self._item.kind
+            if kind == "distill" and self._epoch:
+                self._seconds.setdefault("after_distill", []).append(now - self._epoch_started)
             self._seconds.setdefault(kind, []).append(now - self._item.started)
             self._done[kind] = self._done.get(kind, 0) + 1
             self._item = None
@@ -146,7 +150,7 @@ class Tracker:
             measure = MEASURE_BUILDS * build * max(self.builds, 1)
             left += max(measure - in_cur, 0.0) if kind == "measure" else measure
         # Distillations: the current one (epochs left, within its budget), then the rest.
-        after = AFTER_DISTILL_BUILDS * build
+        after = _mean(self._seconds.get("after_distill", [])) or AFTER_DISTILL_BUILDS * build
         started = self._done.get("distill", 0) + (kind == "distill")
         if kind == "distill" and cur is not None:
             budget_left = None if cur.budget_s is None else max(cur.budget_s - in_cur, 0.0)
