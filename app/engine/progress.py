@@ -147,7 +147,10 @@ class Tracker:
             left += max(build - in_cur, 0.0)
         # The cheap measurement (once).
         if not self._done.get("measure") and not self._done.get("distill"):
-            measure = MEASURE_BUILDS * build * max(self.builds, 1)
+            # The load + baseline time holds one measurement too: where builds are quick
+            # (ONNX Runtime quantization, under a second) it prices measuring better.
+            setup = (self._planned_at or now) - self.start
+            measure = MEASURE_BUILDS * max(build, setup) * max(self.builds, 1)
             left += max(measure - in_cur, 0.0) if kind == "measure" else measure
         # Distillations: the current one (epochs left, within its budget), then the rest.
         after = _mean(self._seconds.get("after_distill", [])) or AFTER_DISTILL_BUILDS * build
