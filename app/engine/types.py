@@ -146,7 +146,7 @@ class Recipe:
     keep_fp32: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "keep_fp32": list(self.keep_fp32)}  # as in JSON
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
