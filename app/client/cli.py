@@ -66,6 +66,21 @@ def _num(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _activity(job: JobOut) -> str:
+    """E.g. " candidate 2/7 (prune 30% int8_static), epoch 3/12, ETA 1m05s": the typed fields."""
+    parts = []
+    a = job.activity
+    if a is not None and a.candidate_index is not None:
+        parts.append(f"candidate {a.candidate_index}/{a.candidates_total}"
+                     + (f" ({a.candidate})" if a.candidate else ""))
+    if a is not None and a.epoch is not None:
+        parts.append(f"epoch {a.epoch}/{a.epochs_total}")
+    if job.eta_s is not None and job.status == "running":
+        m, sec = divmod(round(job.eta_s), 60)
+        parts.append(f"ETA {m}m{sec:02d}s" if m else f"ETA {sec}s")
+    return (" " + ", ".join(parts)) if parts else ""
+
+
 def _dump(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -85,7 +100,7 @@ class ProgressBar:
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
         what = job.stage or job.status
         msg = f" - {job.message}" if job.message else ""
-        line = f"[{bar}] {frac * 100:5.1f}%  {job.status:<9} {what}{msg}"
+        line = f"[{bar}] {frac * 100:5.1f}%  {job.status:<9} {what}{_activity(job)}{msg}"
         if self.tty:
             cols = shutil.get_terminal_size((100, 20)).columns
             self.stream.write("\r\x1b[2K" + line[: cols - 1])
@@ -106,7 +121,7 @@ def print_job(job: JobOut) -> None:
     print(f"job        {job.id}")
     print(f"status     {job.status}" + (" (cancel requested)" if job.cancel_requested
                                         and job.status == "running" else ""))
-    print(f"stage      {job.stage or '-'}  progress {job.progress * 100:.1f}%"
+    print(f"stage      {job.stage or '-'}  progress {job.progress * 100:.1f}%{_activity(job)}"
           + (f"  {job.message}" if job.message else ""))
     print(f"attempt    {job.attempt}/{job.max_attempts}   queue {job.queue}   device {job.device}")
     print(f"model      {job.model_id}   data {job.dataset_id}")

@@ -58,11 +58,13 @@ def add_compress_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``compress`` sub-command to an ``argparse`` sub-parser collection."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "compress",
-        help="compress a .pt2 model to a size / latency / accuracy budget",
+        help="compress a .pt2 or .onnx model to a size / latency / accuracy budget",
         description="Prune, quantize and distill a torch.export (.pt2) model until it meets "
-        "the constraints; writes model.onnx (int8 QDQ), model.pt2 and report.json.",
+        "the constraints; writes model.onnx (int8 QDQ), model.pt2 and report.json. An .onnx "
+        "model is quantized with ONNX Runtime only (no pruning, no distillation, no model.pt2).",
     )
-    p.add_argument("model", type=Path, help="model file (.pt2 from torch.export.save)")
+    p.add_argument("model", type=Path,
+                   help="model file (.pt2 from torch.export.save, or a single-file .onnx)")
     p.add_argument("--data", type=Path, required=True,
                    help=".npz or .safetensors: keys = model input names, optional 'labels'")
     p.add_argument("--eval-data", type=Path, default=None,
@@ -123,9 +125,12 @@ def print_summary(result: Any, out: TextIO | None = None) -> None:
         r = c.recipe
         mark = "*" if c is result.best else ("+" if c.feasible else " ")
         name = f"{mark}{i:2d} prune {r.prune_ratio:.0%} {r.quant}" + (
-            f" +KD {r.distill_epochs}ep" if c.distilled else "")
+            f" +KD {r.distill_epochs}ep" if c.distilled else "") + (
+            f" fp32:{','.join(r.keep_fp32)}" if r.keep_fp32 else "")
         _row(name, c.metrics, base, out)
     print("  (* chosen, + feasible)", file=out)
+    for w in result.warnings:
+        print(f"warning: {w}", file=out)
     print(f"\n{result.status}: {result.message}", file=out)
     for w in result.warnings:
         print(f"warning: {w}", file=out)

@@ -37,6 +37,7 @@ from torch import nn
 
 from app.engine.errors import InvalidRecipe, TimeBudgetExceeded
 from app.engine.planner.search import Outcome, SearchSpace, default_space, run_recipe, search
+from app.engine.progress import Tracker
 from app.engine.types import (
     Candidate,
     Constraints,
@@ -45,6 +46,7 @@ from app.engine.types import (
     ProgressFn,
     Recipe,
     Result,
+    StatusFn,
     TensorSpec,
 )
 
@@ -141,19 +143,24 @@ def _file_entry(path: Path) -> dict[str, Any]:
 
 
 class _Clock:
-    """Hard deadline, checked at every progress point."""
+    """Hard deadline, checked at every progress point; the overall progress ``tracker``."""
 
-    def __init__(self, budget_s: float, on_progress: ProgressFn | None) -> None:
+    def __init__(self, budget_s: float, on_progress: ProgressFn | None,
+                 on_status: StatusFn | None = None) -> None:
         self.start = time.monotonic()
         self.budget_s = budget_s
         self.deadline = self.start + budget_s
         self._cb = on_progress
+        self._status_cb = on_status
+        self.tracker = Tracker(self.deadline)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
     def progress(self, stage: str, fraction: float, message: str) -> None:
         # The callback first: a cancel is reported as cancel even when the clock also ran out.
+        if self._status_cb is not None:
+            self._status_cb(self.tracker.status(stage))
         if self._cb is not None:
             self._cb(stage, float(min(max(fraction, 0.0), 1.0)), message)
         if time.monotonic() > self.deadline:
@@ -161,6 +168,11 @@ class _Clock:
                 f"time budget of {self.budget_s:g} s exceeded during {stage!r}"
                 f" (after {self.elapsed():.0f} s)"
             )
+
+    def epoch(self, stage: str, fraction: float, message: str) -> None:
+        """``progress`` for the distillation loop: it calls once per finished epoch."""
+        self.tracker.epoch_done()
+        self.progress(stage, fraction, message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +365,7 @@ class StageEvaluator:
                             warmup_fraction=FAMILY_SCHEDULES[self.family].warmup_fraction,
                             task=self.scorer.task)
         rep = distill(student.to(self.device), teacher, self.train, self.val, cfg,
-                      device=self.device, on_progress=self.clock.progress)
+                      device=self.device, on_progress=self.clock.epoch)
         student, epochs_run = rep.student, int(rep.epochs_run)
         self.distill_log.append({
             "recipe": f"prune {recipe.prune_ratio:.0%} {recipe.quant}", "family": self.family,
@@ -378,8 +390,9 @@ class StageEvaluator:
         return self._export(new_recipe, trained, "kd")
 
 
-def _latency_report(ev: StageEvaluator, outcome: Outcome) -> dict[str, Any]:
-    """How latency was measured and how noisy it was: the measured noise of every run."""
+def _latency_report(ev: Any, outcome: Outcome) -> dict[str, Any]:
+    """How latency was measured and how noisy it was: the measured noise of every run.
+    ``ev``: an evaluator with ``constraints`` and ``latency_runs`` (.pt2 or ONNX path)."""
     from app.engine.stages.evaluate import LATENCY_METHOD
 
     runs = ev.latency_runs
@@ -410,23 +423,41 @@ def run(
     eval_data_path: Path | None = None,
     space: SearchSpace | None = None,
     work_dir: Path | None = None,
+    model_format: str | None = None,
+    on_status: StatusFn | None = None,
 ) -> Result:
-    """Compress ``model_path`` (.pt2) under ``spec`` using ``data_path``; write artifacts.
+    """Compress ``model_path`` (.pt2 or .onnx) under ``spec`` using ``data_path``; write artifacts.
 
     Raises ``EngineError`` subclasses: bad model / data (InvalidModel, UnsafeModel, InvalidData,
     InputMismatch), InvalidRecipe, Cancelled (from ``on_progress``), TimeBudgetExceeded.
     ``space`` overrides the search grid (tests, benchmarks). ``work_dir``: where the scratch
     directory (candidate ONNX files) is made, default the system temp dir. Artifacts in ``out_dir``:
     ``model.onnx``, ``model.pt2``, ``report.json``, ``candidates.json``.
+    ``model_format`` ("pt2" | "onnx", default: detected from the file) picks the path, here
+    only: an ONNX model is quantized with ONNX Runtime (``onnx_pipeline``; no model.pt2).
+    ``on_status`` gets the overall progress, ETA and activity (``progress.Tracker``) right
+    before each ``on_progress`` call.
     """
+    from app.engine.formats.sandbox import detect_format
+
     model_path, data_path, out_dir = Path(model_path), Path(data_path), Path(out_dir)
+    fmt = model_format or detect_format(model_path)
+    if fmt not in ("pt2", "onnx"):
+        raise InvalidRecipe(f"unknown model format {fmt!r} (pt2, onnx)")
+    if fmt == "pt2" and spec.recipe is not None and spec.recipe.keep_fp32:
+        raise InvalidRecipe("recipe keep_fp32 applies to ONNX input only")
     c = spec.constraints
     if c.time_budget_s <= 0 or c.batch_size < 1 or c.threads < 1:
         raise InvalidRecipe("time_budget_s, batch_size and threads must be positive "
                             f"(got {c.time_budget_s}, {c.batch_size}, {c.threads})")
-    clock = _Clock(c.time_budget_s, on_progress)
+    clock = _Clock(c.time_budget_s, on_progress, on_status)
     with _deterministic(), tempfile.TemporaryDirectory(prefix="modelpress-",
                                                        dir=work_dir) as tmp:
+        if fmt == "onnx":
+            from app.engine.onnx_pipeline import run_onnx_model
+
+            return run_onnx_model(model_path, data_path, spec, out_dir, clock, Path(tmp),
+                                  eval_data_path, space)
         return _run(model_path, data_path, spec, out_dir, clock, Path(tmp), eval_data_path, space)
 
 
@@ -472,7 +503,7 @@ def _run(
         recipe = replace(spec.recipe, seed=spec.seed)
         clock.progress("prune", 0.0, f"explicit recipe: {recipe.to_dict()}")
         outcome = run_recipe(ev, recipe, c, deadline=search_deadline,
-                             on_progress=clock.progress)
+                             on_progress=clock.progress, tracker=clock.tracker)
     else:
         sp = space or default_space(linear_heavy=_linear_heavy(teacher),
                                     depthwise=_has_depthwise(teacher))
@@ -481,7 +512,7 @@ def _run(
 
             sp = replace(sp, lr=FAMILY_SCHEDULES[ev.family].lr)
         outcome = search(ev, c, sp, seed=spec.seed, deadline=search_deadline,
-                         on_progress=clock.progress)
+                         on_progress=clock.progress, tracker=clock.tracker)
     best: Candidate = outcome.best
     chosen: Built = outcome.built[outcome.best_index]
     pruning = _pruning_report(teacher, example_inputs)
@@ -494,6 +525,7 @@ def _run(
     notes += [*outcome.warnings, *(w for w in ev.warnings if w not in outcome.warnings)]
 
     # -- export -------------------------------------------------------------------------------
+    clock.tracker.begin("export")
     clock.progress("export", 0.0, "writing model.onnx, model.pt2, report.json")
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_out = out_dir / "model.onnx"
@@ -555,6 +587,7 @@ def _run(
     }
     report_out = out_dir / "report.json"
     report_out.write_text(json.dumps(report, indent=2, default=str))
+    clock.tracker.done()
     clock.progress("export", 1.0, message)
     return Result(
         status=outcome.status,  # type: ignore[arg-type]

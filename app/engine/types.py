@@ -25,6 +25,35 @@ Device = Literal["cpu", "cuda", "auto"]
 QualityKind = Literal["accuracy", "agreement", "cosine", "mse"]
 QualityMetric = Literal["auto", "accuracy", "agreement", "cosine", "mse"]
 
+@dataclass(frozen=True)
+class Activity:
+    """What a run is doing now: the stage, the candidate (1-based index of the planned total)
+    being built or distilled, and during a distillation the epochs finished of those planned."""
+
+    stage: str
+    candidate: str | None = None  # e.g. "prune 30% int8_static"
+    candidate_index: int | None = None
+    candidates_total: int | None = None
+    epoch: int | None = None
+    epochs_total: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ProgressStatus:
+    """Overall progress of a run (``progress.Tracker``): monotonic in [0, 1], ETA in seconds
+    (None until the planner has said what it will do)."""
+
+    overall: float
+    eta_s: float | None
+    activity: Activity
+
+
+# Called right before each ProgressFn call with the run's overall status. May raise too.
+StatusFn = Callable[[ProgressStatus], None]
+
 STAGES = ("load", "baseline", "prune", "quantize", "distill", "export", "evaluate")
 
 
@@ -117,13 +146,19 @@ class Recipe:
     lr: float = 1e-3
     seed: int = 0
     mixup: float = 0.0  # Beta(mixup, mixup) input mixing during distillation; 0 = off
+    # ONNX input only: op types int8 leaves in fp32 ("DepthwiseConv" = Conv with group ==
+    # channels), the per-op-type fallback where int8 loses on the target runtime.
+    keep_fp32: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "keep_fp32": list(self.keep_fp32)}  # as in JSON
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
-        return cls(**dict(d))
+        args = dict(d)
+        if "keep_fp32" in args:  # a JSON list
+            args["keep_fp32"] = tuple(args["keep_fp32"])
+        return cls(**args)
 
 
 @dataclass(frozen=True)

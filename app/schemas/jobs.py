@@ -74,6 +74,9 @@ class RecipeIn(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)  # the range of the job seed (an int4 column)
     # Distillation on mixed pairs of samples labelled by the teacher (float inputs only).
     mixup: float = Field(0.0, ge=0, le=10)
+    # ONNX models only: op types left in fp32 by int8_static ("DepthwiseConv" = depthwise Conv).
+    keep_fp32: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list,
+                                                                  max_length=32)
 
 
 # The rule of ``_something_stated`` in the OpenAPI document, so a schema-valid body is a
@@ -116,6 +119,18 @@ class JobCreate(BaseModel):
                              "constraints.max_latency_ms, constraints.max_accuracy_drop, "
                              "or give a recipe")
         return self
+
+
+class JobActivity(BaseModel):
+    """What a running job is doing: its stage, the candidate being built or distilled (1-based
+    index of the planned total) and, while distilling, the epochs finished of those planned."""
+
+    stage: str
+    candidate: str | None = None
+    candidate_index: int | None = None
+    candidates_total: int | None = None
+    epoch: int | None = None
+    epochs_total: int | None = None
 
 
 class JobError(BaseModel):
@@ -303,6 +318,8 @@ class JobOut(BaseModel):
     status: JobStatusName
     stage: JobStage | None
     progress: float = Field(description="0..1")
+    eta_s: float | None = Field(None, description="expected seconds to the end of the run")
+    activity: JobActivity | None = None
     message: str | None
     attempt: int
     max_attempts: int

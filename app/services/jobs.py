@@ -15,9 +15,9 @@ from app.db.repositories import datasets as dataset_repo
 from app.db.repositories import jobs as repo
 from app.db.repositories import models as model_repo
 from app.db.session import run_read
-from app.engine.errors import InputMismatch
+from app.engine.errors import InputMismatch, InvalidRecipe
 from app.errors import Conflict, NotFound, Unauthorized, ValidationFailed
-from app.schemas.jobs import JobCreate, JobError, JobOut, QualityMetricName
+from app.schemas.jobs import JobActivity, JobCreate, JobError, JobOut, QualityMetricName
 from app.services import events, quotas, webhooks
 from app.services.auth import Principal
 
@@ -59,6 +59,23 @@ def _check_metric(model: Model, dataset: Dataset, ev: Dataset | None,
                    source="the eval dataset" if ev is not None else "the dataset")
 
 
+def _check_recipe(model: Model, body: JobCreate) -> None:
+    """What a recipe asks must apply to the model's format (the engine checks it again)."""
+    r = body.recipe
+    if r is None:
+        return
+    if model.format == "onnx" and (r.prune_ratio > 0 or r.distill_epochs > 0):
+        raise InvalidRecipe(
+            f"recipe asks for prune_ratio {r.prune_ratio:g} / distill_epochs "
+            f"{r.distill_epochs}, but model {model.id} is ONNX: pruning and distillation need "
+            "the PyTorch graph and are not applicable; use prune_ratio 0 and distill_epochs 0 "
+            "(ONNX Runtime quantization only), or upload a .pt2",
+            details={"model_format": "onnx"})
+    if model.format != "onnx" and r.keep_fp32:
+        raise InvalidRecipe("recipe keep_fp32 applies to ONNX models only",
+                            details={"model_format": model.format})
+
+
 def create_job(session: Session, settings: Settings, tenant_id: str, body: JobCreate) -> Job:
     model = model_repo.get(session, tenant_id, body.model_id)
     if model is None:
@@ -67,6 +84,7 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: JobCr
     if dataset is None:
         raise NotFound(f"dataset {body.dataset_id} not found")
     _check_inputs(model, dataset, "dataset")
+    _check_recipe(model, body)
     ev = None
     if body.eval_dataset_id is not None:
         ev = dataset_repo.get(session, tenant_id, body.eval_dataset_id)
@@ -124,6 +142,10 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
+def _activity(value: dict[str, Any] | None) -> JobActivity | None:
+    return None if value is None else JobActivity.model_validate(value)
+
+
 def to_out(job: Job) -> JobOut:
     return _out_from_row({c.key: getattr(job, c.key) for c in repo.OUT_COLUMNS})
 
@@ -132,7 +154,8 @@ def _out_from_row(row: Any) -> JobOut:
     """``row``: the columns of ``repo.OUT_COLUMNS`` by name (a Core row or the ORM object's)."""
     return JobOut(
         id=row["id"], status=row["status"], stage=row["stage"], progress=row["progress"],
-        message=row["message"], attempt=row["attempt"], max_attempts=row["max_attempts"],
+        eta_s=row["eta_s"], activity=_activity(row["activity"]), message=row["message"],
+        attempt=row["attempt"], max_attempts=row["max_attempts"],
         model_id=row["model_id"], dataset_id=row["dataset_id"],
         eval_dataset_id=row["eval_dataset_id"], device=row["device"], queue=row["queue"],
         constraints=row["constraints"], recipe=row["recipe"], metrics=row["metrics"],

@@ -35,7 +35,7 @@ from app.db.repositories import jobs as job_repo
 from app.db.repositories import models as model_repo
 from app.db.session import session_factory
 from app.engine.errors import Cancelled, EngineError, TimeBudgetExceeded
-from app.engine.types import STAGES, Constraints, JobSpec, Recipe, Result
+from app.engine.types import Constraints, JobSpec, ProgressStatus, Recipe, Result
 from app.services import events
 from app.storage import ArtifactStore, StorageWriteError, file_chunks, get_store
 
@@ -61,7 +61,7 @@ class _Inputs:
     attempt: int
     spec: JobSpec
     model_key: str
-    model_suffix: str
+    model_format: str
     data_key: str
     data_suffix: str
     eval_key: str | None
@@ -81,7 +81,7 @@ class _Lease:
         self._lock = threading.Lock()
         self._last_write = 0.0  # monotonic seconds
         self._stage: str | None = None
-        self._overall = 0.0
+        self._status: ProgressStatus | None = None  # the engine's latest overall status
         self._stage_started = time.monotonic()
         # The Celery soft limit again, checked at every progress point: its exception is
         # raised asynchronously wherever the task happens to be, and code that catches
@@ -135,12 +135,20 @@ class _Lease:
                 f"soft time limit reached ({self.settings.job_soft_time_limit_s} s) during "
                 f"{self._stage!r}")
 
+    def on_status(self, status: ProgressStatus) -> None:
+        """The engine's StatusFn (overall progress weighted by the planner's expected work,
+        ETA, activity): kept for the ``on_progress`` call that follows it."""
+        self._status = status
+
+    def _status_fields(self) -> dict[str, Any]:
+        st = self._status
+        if st is None:  # nothing from the engine yet (fetching the inputs)
+            return {}
+        return {"progress": st.overall, "eta_s": st.eta_s, "activity": st.activity.to_dict()}
+
     def on_progress(self, stage: str, fraction: float, message: str) -> None:
         """The engine's ProgressFn: throttled writes, always on a stage change; may raise."""
         now = time.monotonic()
-        if stage in STAGES:
-            overall = (STAGES.index(stage) + min(max(fraction, 0.0), 1.0)) / len(STAGES)
-            self._overall = max(self._overall, min(overall, 0.99))
         changed = stage != self._stage
         if changed and self._stage is not None:
             self.stage_seconds[self._stage] = (self.stage_seconds.get(self._stage, 0.0)
@@ -150,10 +158,13 @@ class _Lease:
         if changed or now - self._last_write >= self.settings.progress_write_interval_s:
             self._stage = stage
             self._last_write = now
-            progress, text = round(self._overall, 4), message[:2000] if message else None
+            text = message[:2000] if message else None
+            fields = self._status_fields()
+            progress = round(float(fields.get("progress", 0.0)), 4)
+            fields["progress"] = progress
             try:
                 self._write(self._events.kind(changed, progress, text, now), stage=stage[:32],
-                            progress=progress, message=text)
+                            message=text, **fields)
             except SQLAlchemyError:  # a DB blip must not fail the run; the beat retries
                 log.warning("progress write failed for job %s", self.job_id, exc_info=True)
         self.check()
@@ -183,7 +194,7 @@ def _load_inputs(s: Session, job_id: str, attempt: int) -> _Inputs:
                    device=job.device,  # type: ignore[arg-type]
                    seed=job.seed)
     return _Inputs(job_id=job.id, attempt=attempt, spec=spec, model_key=model.storage_key,
-                   model_suffix="." + model.format, data_key=data.storage_key,
+                   model_format=model.format, data_key=data.storage_key,
                    data_suffix="." + data.format,
                    eval_key=None if ev is None else ev.storage_key,
                    eval_suffix=None if ev is None else "." + ev.format)
@@ -452,7 +463,7 @@ def run_job(job_id: str, worker_id: str, *, settings: Settings | None = None,
                                              dir=settings.tmp_dir) as tmp:
                 root = Path(tmp)
                 lease.on_progress("load", 0.0, "fetching model and data")
-                model_path = _download(store, inp.model_key, root / f"model{inp.model_suffix}")
+                model_path = _download(store, inp.model_key, root / f"model.{inp.model_format}")
                 data_path = _download(store, inp.data_key, root / f"data{inp.data_suffix}")
                 eval_path = None
                 if inp.eval_key is not None:
@@ -464,7 +475,8 @@ def run_job(job_id: str, worker_id: str, *, settings: Settings | None = None,
                 # so one rmtree (ours, or the next attempt's) removes everything.
                 result = engine_run(model_path, data_path, inp.spec, out_dir,
                                     lease.on_progress, eval_data_path=eval_path,
-                                    work_dir=root)
+                                    work_dir=root, model_format=inp.model_format,
+                                    on_status=lease.on_status)
                 lease.check()
                 lease.on_progress("store", 0.0, "storing artifacts")  # closes the last stage
                 _store_outcome(sessions, store, inp, result, out_dir, worker_id,

@@ -118,7 +118,8 @@ def test_reconciler_resends_stale_queued(settings: Settings, key: str) -> None:
 def _fake_engine(steps: int, on_step: Any = None) -> Any:
     """Stands in for app.engine.pipeline.run: reports progress like the engine does."""
     def run(model: Path, data: Path, spec: JobSpec, out: Path, on_progress: Any,
-            eval_data_path: Path | None = None, work_dir: Path | None = None) -> Result:
+            eval_data_path: Path | None = None, work_dir: Path | None = None,
+            model_format: str | None = None, on_status: Any = None) -> Result:
         assert model.read_bytes() == b"model-bytes" and data.read_bytes() == b"data-bytes"
         for i in range(steps):
             if on_step:

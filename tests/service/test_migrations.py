@@ -18,7 +18,8 @@ from tests.service.conftest import create_database, drop_database
 pytestmark = pytest.mark.service
 
 TABLES = {"tenants", "api_keys", "models", "datasets", "jobs", "job_metrics", "artifacts",
-          "idempotency_keys", "blob_chunks", "alembic_version"}
+          "idempotency_keys", "blob_chunks", "job_events", "webhooks", "webhook_deliveries",
+          "webhook_attempts", "alembic_version"}
 
 
 def _check(url: str) -> None:
@@ -32,7 +33,7 @@ def _check(url: str) -> None:
         assert diff == [], f"models and migrations differ: {diff}"
         with engine.connect() as conn:
             rev = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one()
-        assert rev == "0002"
+        assert rev == "0004"
     finally:
         engine.dispose()
 

@@ -39,6 +39,8 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value)
     stage: Mapped[str | None] = mapped_column(String(32))
     progress: Mapped[float] = mapped_column(default=0.0)  # 0..1 over the whole run
+    eta_s: Mapped[float | None]  # expected seconds to the end of the run (engine's estimate)
+    activity: Mapped[dict[str, Any] | None]  # engine Activity: stage, candidate, epoch
     message: Mapped[str | None] = mapped_column(Text)
     attempt: Mapped[int] = mapped_column(default=0)  # claims so far
     max_attempts: Mapped[int] = mapped_column(default=3)

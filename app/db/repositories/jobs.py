@@ -34,8 +34,9 @@ def get(session: Session, tenant_id: str, job_id: str) -> Job | None:
 
 
 # What GET /v1/jobs/{id} shows: never ``report`` (large; it has its own route).
-OUT_COLUMNS = (Job.id, Job.status, Job.stage, Job.progress, Job.message, Job.attempt,
-               Job.max_attempts, Job.model_id, Job.dataset_id, Job.eval_dataset_id, Job.device,
+OUT_COLUMNS = (Job.id, Job.status, Job.stage, Job.progress, Job.eta_s, Job.activity,
+               Job.message, Job.attempt, Job.max_attempts, Job.model_id, Job.dataset_id,
+               Job.eval_dataset_id, Job.device,
                Job.queue, Job.constraints, Job.recipe, Job.metrics, Job.error_code,
                Job.error_detail, Job.cancel_requested, Job.created_at, Job.started_at,
                Job.finished_at, Job.updated_at)
@@ -132,8 +133,8 @@ def claim(session: Session, job_id: str, worker_id: str, lease_s: float,
                Job.attempt < Job.max_attempts)
         .values(status=RUNNING, attempt=Job.attempt + 1, lease_owner=worker_id,
                 lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now,
-                started_at=now, updated_at=now, stage="load", progress=0.0,
-                error_code=None, error_detail=None)
+                started_at=now, updated_at=now, stage="load", progress=0.0, eta_s=None,
+                activity=None, error_code=None, error_detail=None)
         .returning(Job.id)
     )
     if session.execute(stmt).first() is None:
@@ -165,12 +166,12 @@ def heartbeat(session: Session, job_id: str, worker_id: str, lease_s: float,
 
 
 def finish(session: Session, job_id: str, worker_id: str, status: str, **fields: Any) -> bool:
-    """Write the outcome if we still hold the lease."""
+    """Write the outcome if we still hold the lease (a finished job has no ETA, no activity)."""
     now = utcnow()
     row = session.execute(
         update(Job).where(Job.id == job_id, Job.lease_owner == worker_id, Job.status == RUNNING)
         .values(status=status, finished_at=now, updated_at=now, lease_owner=None,
-                lease_expires_at=None, **fields)
+                lease_expires_at=None, eta_s=None, activity=None, **fields)
         .returning(Job.id)).first()
     return row is not None
 
@@ -186,7 +187,8 @@ def requeue_expired(session: Session, job_id: str, now: datetime) -> bool:
     row = session.execute(
         update(Job).where(Job.id == job_id, Job.status == RUNNING, Job.lease_expires_at < now)
         .values(status=QUEUED, lease_owner=None, lease_expires_at=None, stage=None,
-                progress=0.0, updated_at=now, message="requeued: worker heartbeat stopped")
+                progress=0.0, eta_s=None, activity=None, updated_at=now,
+                message="requeued: worker heartbeat stopped")
         .returning(Job.id)).first()
     return row is not None
 
@@ -196,7 +198,8 @@ def fail_expired(session: Session, job_id: str, now: datetime, status: str, code
     row = session.execute(
         update(Job).where(Job.id == job_id, Job.status == RUNNING, Job.lease_expires_at < now)
         .values(status=status, lease_owner=None, lease_expires_at=None, finished_at=now,
-                updated_at=now, error_code=code, error_detail=detail)
+                updated_at=now, eta_s=None, activity=None, error_code=code,
+                error_detail=detail)
         .returning(Job.id)).first()
     return row is not None
 

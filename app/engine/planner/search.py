@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from app.engine.planner.constraints import check, cost_reasons, violation
+from app.engine.progress import Tracker
 from app.engine.types import (
     Candidate,
     Constraints,
@@ -212,15 +213,21 @@ def search(
     deadline: float,
     on_progress: ProgressFn | None = None,
     clock: Callable[[], float] = time.monotonic,
+    tracker: Tracker | None = None,
 ) -> Outcome:
-    """Run the planner (module doc). ``deadline`` is a ``clock()`` value for the whole search."""
+    """Run the planner (module doc). ``deadline`` is a ``clock()`` value for the whole search.
+    ``tracker`` is told the plan and each item of work (overall progress and ETA)."""
 
     def progress(stage: str, frac: float, msg: str) -> None:
         if on_progress is not None:
             on_progress(stage, frac, msg)
 
+    track = tracker or Tracker(deadline, clock)
     baseline = ev.baseline
     grid = space.grid(seed)
+    # Until measured: the bisection's distillations for a window as large as the grid.
+    track.plan(builds=len(grid), epochs=space.distill_epochs,
+               distills=min(space.max_distill, math.ceil(math.log2(len(grid) + 1))))
     built: list[Any] = []
     skipped: list[dict[str, str]] = []
     warnings: list[str] = []
@@ -237,6 +244,9 @@ def search(
             skipped.extend({"recipe": str(r.to_dict()), "error": "not built: time budget"}
                            for r in grid[k:])
             break
+        label = f"prune {recipe.prune_ratio:.0%} {recipe.quant}" + (
+            f" fp32:{','.join(recipe.keep_fp32)}" if recipe.keep_fp32 else "")
+        track.begin("build", index=k + 1, total=len(grid), label=label)
         progress("prune", k / len(grid), f"candidate {k + 1}/{len(grid)}: prune "
                  f"{recipe.prune_ratio:.0%}, quant {recipe.quant}")
         t0 = clock()
@@ -246,6 +256,7 @@ def search(
             key = (ev.structure(recipe), recipe.quant)
             if key in seen:
                 same_as[recipe.prune_ratio] = seen[key]
+                k += 1
                 continue
             seen[key] = recipe.prune_ratio
             built.append(ev.build(recipe))
@@ -273,6 +284,7 @@ def search(
 
         raise InvalidRecipe("no candidate of the search grid could be built: "
                             + "; ".join(s["error"] for s in skipped))
+    track.begin("measure", total=len(built))
     progress("evaluate", 0.0, f"measuring {len(built)} candidates side by side with the baseline")
     metrics = ev.measure(built)
     candidates = [_candidate(b.recipe, m, baseline, constraints, False)
@@ -288,6 +300,7 @@ def search(
     first_ok = next((k for k, i in enumerate(order) if candidates[i].feasible), len(order))
     window = order[:first_ok]  # untried candidates that could still beat the current best
     distilled = 0
+    track.plan(distills=min(space.max_distill, math.ceil(math.log2(len(window) + 1))))
     while window:
         # After training: convert + export + measure, about three cheap builds' worth (loaded
         # machines make the QAT convert and export slower than the cheap builds were).
@@ -302,6 +315,10 @@ def search(
         steps = min(space.max_distill - distilled, math.ceil(math.log2(len(window) + 1)))
         budget = max(space.min_distill_s, remaining / max(steps, 1))
         i = window[mid]
+        r = candidates[i].recipe
+        track.plan(distills=distilled + steps)
+        track.begin("distill", index=distilled + 1, total=distilled + steps, budget_s=budget,
+                    label=f"prune {r.prune_ratio:.0%} {r.quant}")
         progress("distill", 0.0, f"distilling prune {candidates[i].recipe.prune_ratio:.0%} "
                  f"{candidates[i].recipe.quant} (budget {budget:.0f} s)")
         b2 = ev.distill(built[i], space.distill_epochs, budget)
@@ -317,8 +334,10 @@ def search(
             # scheme: drop this one and every candidate pruned at least as hard.
             ratio = candidates[i].recipe.prune_ratio
             window = [j for j in window if candidates[j].recipe.prune_ratio < ratio]
+    track.plan(distills=distilled)
     if distilled == 0:
-        why = ("a candidate meets every constraint untrained" if first_ok < len(order)
+        why = ("distillation is off for this model" if space.max_distill == 0
+               else "a candidate meets every constraint untrained" if first_ok < len(order)
                else "no candidate meets the size / latency limits" if not order
                else "no time left in the budget")
         progress("distill", 1.0, f"no distillation: {why}")
@@ -407,7 +426,8 @@ def confirm_finalists(ev: Evaluator, candidates: list[Candidate], built: Sequenc
 
 def run_recipe(ev: Evaluator, recipe: Recipe, constraints: Constraints, *, deadline: float,
                on_progress: ProgressFn | None = None,
-               clock: Callable[[], float] = time.monotonic) -> Outcome:
+               clock: Callable[[], float] = time.monotonic,
+               tracker: Tracker | None = None) -> Outcome:
     """An explicit recipe skips the search: build it, distill if asked, measure, check."""
 
     def progress(stage: str, frac: float, msg: str) -> None:
@@ -416,6 +436,11 @@ def run_recipe(ev: Evaluator, recipe: Recipe, constraints: Constraints, *, deadl
 
     from app.engine.errors import EngineError, InvalidRecipe
 
+    track = tracker or Tracker(deadline, clock)
+    distills = int(recipe.distill_epochs > 0)
+    label = f"prune {recipe.prune_ratio:.0%} {recipe.quant}"
+    track.plan(builds=1, distills=distills, epochs=recipe.distill_epochs)
+    track.begin("build", index=1, total=1, label=label)
     progress("prune", 0.0, f"recipe: prune {recipe.prune_ratio:.0%} ({recipe.importance})")
     try:
         b = ev.build(replace(recipe, distill_epochs=0))
@@ -427,9 +452,12 @@ def run_recipe(ev: Evaluator, recipe: Recipe, constraints: Constraints, *, deadl
                             "try another quant scheme") from e
     progress("quantize", 1.0, f"recipe: quant {recipe.quant}")
     if recipe.distill_epochs > 0:
+        track.begin("distill", index=1, total=1, label=label,
+                    budget_s=max(1.0, deadline - clock()))
         b = ev.distill(b, recipe.distill_epochs, max(1.0, deadline - clock()))
     else:
         progress("distill", 1.0, "recipe: no distillation")
+    track.begin("measure", total=1)
     m = ev.measure([b])[0]
     c = _candidate(b.recipe, m, ev.baseline, constraints, recipe.distill_epochs > 0)
     status = "succeeded" if c.feasible else "constraints_unsatisfiable"

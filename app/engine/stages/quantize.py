@@ -612,16 +612,18 @@ def quantize_onnx_static(
     *,
     per_channel: bool = True,
     skip_depthwise: bool = False,
+    nodes_to_exclude: Sequence[str] = (),
 ) -> Path:
     """onnxruntime ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations).
 
     The route for ONNX-only uploads, and the baseline the PT2E path is compared against.
-    ``skip_depthwise`` excludes Conv nodes with group == input channels > 1.
+    ``skip_depthwise`` excludes Conv nodes with group == input channels > 1;
+    ``nodes_to_exclude`` (node names) stay fp32 as well.
     """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    exclude: list[str] = []
+    exclude: list[str] = list(nodes_to_exclude)
     if skip_depthwise:
         model = onnx.load(str(src))
         inits = {i.name: i for i in model.graph.initializer}
