@@ -146,17 +146,19 @@ def test_failing_scheme_is_reported_and_the_fallback_built(x: torch.Tensor,
     space = SearchSpace(prune_ratios=(0.0,), quant_schemes=("int8_dynamic",), max_distill=0)
     res = run(model_path, data_path, _spec(), tmp_path / "out", space=space)
 
-    # main: int8_dynamic "succeeds" with an unchanged fp32 model (1.0x) and says nothing
-    assert len(res.warnings) == 1
-    assert res.warnings[0].startswith("quantization int8_dynamic failed on this model")
-    assert res.warnings[0].endswith("trying int8_static_onnx instead")
+    # main: int8_dynamic "succeeds" with an unchanged fp32 model (1.0x) and says nothing.
+    # (The 80-sample hold-out adds its own "too small" warning: not about quantization.)
+    quant = [w for w in res.warnings if w.startswith("quantization ")]
+    assert len(quant) == 1
+    assert quant[0].startswith("quantization int8_dynamic failed on this model")
+    assert quant[0].endswith("trying int8_static_onnx instead")
     assert [c.recipe.quant for c in res.candidates] == ["int8_static_onnx"]
     assert res.baseline.size_bytes / res.best.metrics.size_bytes >= 2.5
     report = json.loads(res.artifacts["report.json"].read_text())
     assert report["warnings"] == res.warnings
     out = io.StringIO()
     print_summary(res, out)
-    assert f"warning: {res.warnings[0]}" in out.getvalue()
+    assert f"warning: {quant[0]}" in out.getvalue()
 
 
 def test_padding_same_cnn_comes_out_int8(x: torch.Tensor, tmp_path: Path) -> None:
@@ -167,7 +169,8 @@ def test_padding_same_cnn_comes_out_int8(x: torch.Tensor, tmp_path: Path) -> Non
     res = run(model_path, data_path, _spec(), tmp_path / "out", space=space)
 
     # main: PT2E raised "conv2d is not an aten conv2d operator"; nothing could be built
-    assert res.warnings == [] and res.report["skipped"] == []
+    assert not [w for w in res.warnings if "quantiz" in w or "int8" in w]
+    assert res.report["skipped"] == []
     assert [c.recipe.quant for c in res.candidates] == ["int8_static"]
     proto = onnx.load(str(res.artifacts["model.onnx"]))
     dq_out = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
@@ -181,7 +184,7 @@ def test_fallback_replaces_the_failed_scheme_at_every_ratio() -> None:
     from app.engine.planner.search import _fall_back
 
     grid = SearchSpace(prune_ratios=(0.0, 0.5), quant_schemes=("int8_static", "int8_dynamic",
-                                                               "none")).grid(0)
+                                                               "none"), lr=1e-3).grid(0)
     assert [(r.prune_ratio, r.quant) for r in grid] == [
         (0.0, "int8_static"), (0.0, "int8_dynamic"), (0.5, "int8_static"),
         (0.5, "int8_dynamic"), (0.5, "none")]
