@@ -117,7 +117,7 @@ def print_summary(result: Any, out: TextIO = sys.stdout) -> None:
         _row(name, c.metrics, base, out)
     print("  (* chosen, + feasible)", file=out)
     print(f"\n{result.status}: {result.message}", file=out)
-    for line in getattr(result, "warnings", []):
+    for line in result.warnings:
         print(f"warning: {line}", file=out)
     for name, path in result.artifacts.items():
         print(f"  {name:<16} {path}", file=out)
