@@ -129,8 +129,6 @@ def print_summary(result: Any, out: TextIO | None = None) -> None:
             f" fp32:{','.join(r.keep_fp32)}" if r.keep_fp32 else "")
         _row(name, c.metrics, base, out)
     print("  (* chosen, + feasible)", file=out)
-    for w in result.warnings:
-        print(f"warning: {w}", file=out)
     print(f"\n{result.status}: {result.message}", file=out)
     for w in result.warnings:
         print(f"warning: {w}", file=out)
