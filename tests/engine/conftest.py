@@ -18,6 +18,20 @@ import torch
 from examples.zoo import MLP, ResCNN, digits, train
 
 
+def depthwise_fp32(path: Path) -> tuple[int, int]:
+    """(depthwise Conv nodes, how many of them read an fp32 weight initializer) of an ONNX
+    file: a depthwise conv kept in fp32 has its float weight; an int8 one reads a DQ output."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    dw = [n for n in proto.graph.node if n.op_type == "Conv"
+          and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    fp32 = sum(1 for n in dw if n.input[1] in inits
+               and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT)
+    return len(dw), fp32
+
+
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
     batch = torch.export.Dim("batch", min=1, max=4096)
     ep = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))

@@ -22,6 +22,7 @@ from app.engine.stages.quantize import (
     set_training,
 )
 from examples.zoo import DWCNN, ResCNN, TinyEncoder, digits, train
+from tests.engine.conftest import depthwise_fp32
 
 pytestmark = pytest.mark.engine
 
@@ -109,15 +110,6 @@ def test_skip_depthwise_keeps_depthwise_fp32(
     int8 = export_onnx(quantize_static(model, ex, _calib(x, 2)), ex, tmp_path / "a.onnx")
     skip = export_onnx(quantize_static(model, ex, _calib(x, 2), skip_depthwise=True), ex,
                        tmp_path / "s.onnx")
-
-    def depthwise_fp32(path: Path) -> tuple[int, int]:
-        proto = onnx.load(str(path))
-        inits = {i.name: i for i in proto.graph.initializer}
-        dw = [n for n in proto.graph.node if n.op_type == "Conv"
-              and any(a.name == "group" and a.i > 1 for a in n.attribute)]
-        fp32 = sum(1 for n in dw if n.input[1] in inits
-                   and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT)
-        return len(dw), fp32
 
     assert depthwise_fp32(int8) == (3, 0)
     assert depthwise_fp32(skip) == (3, 3)

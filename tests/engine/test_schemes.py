@@ -23,6 +23,7 @@ from app.engine.planner.search import SearchSpace, default_space
 from app.engine.stages.export import onnx_outputs
 from app.engine.types import Constraints, JobSpec
 from examples.zoo import DWCNN, MLP, digits
+from tests.engine.conftest import depthwise_fp32
 
 pytestmark = pytest.mark.engine
 
@@ -80,18 +81,9 @@ def test_depthwise_fp32_scheme_keeps_depthwise_convs_fp32(x: torch.Tensor,
     ex = (x[:4],)
     calib = [(x[:32],), (x[32:64],)]
 
-    def depthwise(path: Path) -> tuple[int, int]:
-        proto = onnx.load(str(path))
-        inits = {i.name: i for i in proto.graph.initializer}
-        dw = [n for n in proto.graph.node if n.op_type == "Conv"
-              and any(a.name == "group" and a.i > 1 for a in n.attribute)]
-        fp32 = sum(1 for n in dw if n.input[1] in inits
-                   and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT)
-        return len(dw), fp32
-
     # (all-int8 quantizes them: test_quantize.test_skip_depthwise_keeps_depthwise_fp32)
     _, keep = schemes.get("int8_static_dw_fp32").to_onnx(model, ex, tmp_path / "k.onnx", calib)
-    assert depthwise(keep) == (3, 3)
+    assert depthwise_fp32(keep) == (3, 3)
     # ... and the planner measures it as its own candidate on depthwise nets
     assert "int8_static_dw_fp32" in default_space(linear_heavy=False,
                                                   depthwise=True).quant_schemes
