@@ -183,8 +183,28 @@ def text_data(n: int, seed: int, classes: int = TEXT_CLASSES) -> dict[str, np.nd
 # ---------------------------------------------------------------------------------- models
 
 
+def _standard_norm_init(model: nn.Module) -> nn.Module:
+    """Norm layers back to PyTorch's init (weight 1, bias 0, fresh running stats).
+
+    transformers 5.24 initialises EfficientNet's BatchNorm weights like linear weights
+    (normal, std 0.02): every block then scales its activations by ~0.016, they vanish to 0
+    by the fifth block, and the model cannot train (loss stuck at ln 10). No other zoo model
+    depends on that init, so every model gets the standard one.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d | nn.LayerNorm | nn.GroupNorm):
+            m.reset_parameters()
+    return model
+
+
 def build(name: str) -> ZooModel:
     """A freshly initialised model of the zoo (seeded: the same weights every call)."""
+    zm = _build(name)
+    _standard_norm_init(zm.module)
+    return zm
+
+
+def _build(name: str) -> ZooModel:
     import transformers as tf
 
     torch.manual_seed(0)
