@@ -21,7 +21,6 @@ The never-larger / never-slower rules, the objective ranking and the report are 
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -266,11 +265,10 @@ def run_onnx_model(
     from app.engine.pipeline import (
         EXPORT_RESERVE_S,
         HOLDOUT_FRACTION,
-        _file_entry,
         _latency_report,
         _seed_all,
+        finish_run,
     )
-    from app.engine.stages.export import library_versions
     from app.engine.stages.quality import holdout_warnings
 
     c = spec.constraints
@@ -327,65 +325,24 @@ def run_onnx_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_out = out_dir / "model.onnx"
     shutil.copyfile(chosen.onnx_path, onnx_out)
-    cand_out = out_dir / "candidates.json"
-    cand_out.write_text(json.dumps(
-        {"candidates": [x.to_dict() for x in outcome.candidates], "pareto_front": outcome.front},
-        indent=2))
     fallback = f", {'/'.join(best.recipe.keep_fp32)} in fp32" if best.recipe.keep_fp32 else ""
     if outcome.status == "succeeded":
         message = f"chosen: {best.recipe.quant}{fallback} (ONNX Runtime)"
     else:
         message = (f"no candidate meets the constraints; closest: {best.recipe.quant}{fallback}"
                    ": " + "; ".join(best.reasons))
-    inputs_manifest = {"model": _file_entry(model_path), "data": _file_entry(data_path)}
-    if eval_data_path is not None:
-        inputs_manifest["eval_data"] = _file_entry(Path(eval_data_path))
-    report: dict[str, Any] = {
-        "status": outcome.status,
-        "message": message,
-        "seed": spec.seed,
-        "device": "cpu",  # ONNX Runtime CPU execution provider
-        "model_format": "onnx",
-        "spec": spec.to_dict(),
-        "constraints": c.to_dict(),
-        "recipe": best.recipe.to_dict(),
-        "baseline": ev.baseline.to_dict(),
-        "chosen": best.to_dict(),
-        "chosen_index": outcome.best_index,
-        "candidates": [x.to_dict() for x in outcome.candidates],
-        "pareto_front": outcome.front,
-        "skipped": outcome.skipped,
-        "ratios": {
-            "size": ev.baseline.size_bytes / max(best.metrics.size_bytes, 1),
-            "speedup": ev.baseline.latency_p50_ms / max(best.metrics.latency_p50_ms, 1e-9),
-            "quality_drop": ev.baseline.quality - best.metrics.quality,
-        },
-        # The .pt2 path's torch-vs-ONNX export check; here no export step exists: the
-        # measured file is the artifact.
-        "onnx_parity_max_abs": None,
-        "data": {"train": train.samples, "validation": 0, "holdout": holdout.samples,
-                 "holdout_source": "eval_data" if eval_data_path is not None else "split"},
-        "warnings": warnings,
-        "latency": _latency_report(ev, outcome),
-        "elapsed_s": round(clock.elapsed(), 3),
-        "manifest": {
-            "inputs": inputs_manifest,
-            "outputs": {p.name: _file_entry(p) for p in (onnx_out, cand_out)},
-            "library_versions": library_versions(),
-        },
-    }
-    report_out = out_dir / "report.json"
-    report_out.write_text(json.dumps(report, indent=2, default=str))
-    clock.tracker.done()
-    clock.progress("export", 1.0, message)
-    return Result(
-        status=outcome.status,  # type: ignore[arg-type]
-        baseline=ev.baseline,
-        best=best,
-        candidates=outcome.candidates,
-        artifacts={"model.onnx": onnx_out, "report.json": report_out,
-                   "candidates.json": cand_out},
-        report=report,
-        message=message,
-        warnings=warnings,
-    )
+    return finish_run(
+        outcome=outcome, baseline=ev.baseline, spec=spec, clock=clock, out_dir=out_dir,
+        onnx_out=onnx_out, message=message, warnings=warnings,
+        inputs={"model": model_path, "data": data_path, "eval_data": eval_data_path},
+        artifacts={},
+        details={
+            "device": "cpu",  # ONNX Runtime CPU execution provider
+            "model_format": "onnx",
+            # The .pt2 path's torch-vs-ONNX export check; here no export step exists: the
+            # measured file is the artifact.
+            "onnx_parity_max_abs": None,
+            "data": {"train": train.samples, "validation": 0, "holdout": holdout.samples,
+                     "holdout_source": "eval_data" if eval_data_path is not None else "split"},
+            "latency": _latency_report(ev, outcome),
+        })

@@ -409,6 +409,67 @@ def _latency_report(ev: Any, outcome: Outcome) -> dict[str, Any]:
     }
 
 
+def finish_run(
+    *, outcome: Outcome, baseline: Metrics, spec: JobSpec, clock: _Clock, out_dir: Path,
+    onnx_out: Path, message: str, warnings: list[str], inputs: dict[str, Path | None],
+    artifacts: dict[str, Path], details: dict[str, Any],
+) -> Result:
+    """The end of a run for either model format: ``candidates.json``, ``report.json`` (the
+    keys every run has, plus the format's own ``details``), and the Result. ``inputs``: name
+    -> file of the run's inputs (None = not given); ``artifacts``: the format's files besides
+    ``model.onnx`` and the two written here, in manifest order."""
+    from app.engine.stages.export import library_versions
+
+    best = outcome.best
+    cand_out = out_dir / "candidates.json"
+    cand_out.write_text(json.dumps(
+        {"candidates": [x.to_dict() for x in outcome.candidates], "pareto_front": outcome.front},
+        indent=2))
+    files = {"model.onnx": onnx_out, **artifacts, "candidates.json": cand_out}
+    report: dict[str, Any] = {
+        "status": outcome.status,
+        "message": message,
+        "seed": spec.seed,
+        "spec": spec.to_dict(),
+        "constraints": spec.constraints.to_dict(),
+        "recipe": best.recipe.to_dict(),
+        "baseline": baseline.to_dict(),
+        "chosen": best.to_dict(),
+        "chosen_index": outcome.best_index,
+        "candidates": [x.to_dict() for x in outcome.candidates],
+        "pareto_front": outcome.front,
+        "skipped": outcome.skipped,
+        "warnings": warnings,
+        "ratios": {
+            "size": baseline.size_bytes / max(best.metrics.size_bytes, 1),
+            "speedup": baseline.latency_p50_ms / max(best.metrics.latency_p50_ms, 1e-9),
+            "quality_drop": baseline.quality - best.metrics.quality,
+        },
+        **details,
+        "elapsed_s": round(clock.elapsed(), 3),
+        "manifest": {
+            "inputs": {k: _file_entry(Path(v)) for k, v in inputs.items() if v is not None},
+            "outputs": {p.name: _file_entry(p) for p in files.values()},
+            "library_versions": library_versions(),
+        },
+    }
+    report_out = out_dir / "report.json"
+    report_out.write_text(json.dumps(report, indent=2, default=str))
+    clock.tracker.done()
+    clock.progress("export", 1.0, message)
+    return Result(
+        status=outcome.status,  # type: ignore[arg-type]
+        baseline=baseline,
+        best=best,
+        candidates=outcome.candidates,
+        artifacts={"model.onnx": onnx_out, **artifacts, "report.json": report_out,
+                   "candidates.json": cand_out},
+        report=report,
+        message=message,
+        warnings=warnings,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # run
 
@@ -468,7 +529,7 @@ def _run(
     from app.engine.formats.data import load_dataset
     from app.engine.formats.pt2 import check_pt2_archive, load_pt2
     from app.engine.graph import modularize
-    from app.engine.stages.export import export_pt2, library_versions, onnx_parity
+    from app.engine.stages.export import export_pt2, onnx_parity
     from app.engine.stages.quality import holdout_warnings
 
     c = spec.constraints
@@ -534,11 +595,6 @@ def _run(
     probe = tuple(t[:8] for t in holdout.take(min(8, holdout.samples)).tensors())
     parity = onnx_parity(chosen.model, onnx_out, probe)
     clock.progress("export", 0.5, f"ONNX Runtime vs torch max abs diff {parity:.2e}")
-    cand_out = out_dir / "candidates.json"
-    cand_out.write_text(json.dumps(
-        {"candidates": [x.to_dict() for x in outcome.candidates], "pareto_front": outcome.front},
-        indent=2))
-
     if outcome.status == "succeeded":
         message = (f"chosen: prune {best.recipe.prune_ratio:.0%}, {best.recipe.quant}, "
                    f"{best.recipe.distill_epochs} distillation epochs")
@@ -549,57 +605,21 @@ def _run(
     notes += holdout_warnings(ev.scorer.kind, ev.baseline.quality,
                               best.metrics.quality_drop_ci95, holdout.samples,
                               c.max_accuracy_drop)
-    inputs_manifest = {"model": _file_entry(model_path), "data": _file_entry(data_path)}
-    if eval_data_path is not None:
-        inputs_manifest["eval_data"] = _file_entry(Path(eval_data_path))
-    report: dict[str, Any] = {
-        "status": outcome.status,
-        "message": message,
-        "seed": spec.seed,
-        "device": str(device),
-        "spec": spec.to_dict(),
-        "constraints": c.to_dict(),
-        "recipe": best.recipe.to_dict(),
-        "baseline": ev.baseline.to_dict(),
-        "chosen": best.to_dict(),
-        "chosen_index": outcome.best_index,
-        "candidates": [x.to_dict() for x in outcome.candidates],
-        "pareto_front": outcome.front,
-        "skipped": outcome.skipped,
-        "pruning": pruning.to_dict(),
-        "warnings": notes,
-        "ratios": {
-            "size": ev.baseline.size_bytes / max(best.metrics.size_bytes, 1),
-            "speedup": ev.baseline.latency_p50_ms / max(best.metrics.latency_p50_ms, 1e-9),
-            "quality_drop": ev.baseline.quality - best.metrics.quality,
-        },
-        "onnx_parity_max_abs": parity,
-        "latency": _latency_report(ev, outcome),
-        "distillation": {"family": ev.family, "runs": ev.distill_log},
-        "data": {"train": train.samples, "validation": val.samples, "holdout": holdout.samples,
-                 "holdout_source": "eval_data" if eval_data_path is not None else "split"},
-        "elapsed_s": round(clock.elapsed(), 3),
-        "manifest": {
-            "inputs": inputs_manifest,
-            "outputs": {p.name: _file_entry(p) for p in (onnx_out, pt2_out, cand_out)},
-            "library_versions": library_versions(),
-        },
-    }
-    report_out = out_dir / "report.json"
-    report_out.write_text(json.dumps(report, indent=2, default=str))
-    clock.tracker.done()
-    clock.progress("export", 1.0, message)
-    return Result(
-        status=outcome.status,  # type: ignore[arg-type]
-        baseline=ev.baseline,
-        best=best,
-        candidates=outcome.candidates,
-        artifacts={"model.onnx": onnx_out, "model.pt2": pt2_out, "report.json": report_out,
-                   "candidates.json": cand_out},
-        report=report,
-        message=message,
-        warnings=notes,
-    )
+    return finish_run(
+        outcome=outcome, baseline=ev.baseline, spec=spec, clock=clock, out_dir=out_dir,
+        onnx_out=onnx_out, message=message, warnings=notes,
+        inputs={"model": model_path, "data": data_path, "eval_data": eval_data_path},
+        artifacts={"model.pt2": pt2_out},
+        details={
+            "device": str(device),
+            "pruning": pruning.to_dict(),
+            "onnx_parity_max_abs": parity,
+            "latency": _latency_report(ev, outcome),
+            "distillation": {"family": ev.family, "runs": ev.distill_log},
+            "data": {"train": train.samples, "validation": val.samples,
+                     "holdout": holdout.samples,
+                     "holdout_source": "eval_data" if eval_data_path is not None else "split"},
+        })
 
 
 def _pruning_report(teacher: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Any:
