@@ -122,6 +122,25 @@ def test_choose_unsatisfiable_returns_closest() -> None:
     assert choose(cands, BASE, c) == ("constraints_unsatisfiable", 1)
 
 
+def test_unsatisfiable_closest_is_never_slower_when_one_is() -> None:
+    """MobileNetV2 in the zoo: int8 measured 1.30x slower than fp32 beyond the noise, 0.25
+    point down; prune 30 % fp32 was 2.03x faster but 2.5 points down on a 1-point limit. The
+    summed excess preferred the slower one, so the failed job stored a model slower than the
+    upload. Among candidates that are not larger and not slower, the closest one wins."""
+    c = Constraints(max_accuracy_drop=0.01)
+    slower = _timed(13.0, 1.30, 0.02, 0.024)
+    slower.quality = 0.9475
+    faster_lossy = _timed(5.0, 0.49, 0.02, 0.024)
+    faster_lossy.quality = 0.925
+    cands = [Candidate(Recipe(prune_ratio=0.0), slower, False, False, ["slower"]),
+             Candidate(Recipe(prune_ratio=0.3, quant="none"), faster_lossy, False, True,
+                       ["drop"])]
+    assert violation(slower, BASE, c) < violation(faster_lossy, BASE, c)  # the old order
+    assert choose(cands, BASE, c) == ("constraints_unsatisfiable", 1)
+    # When every candidate breaks the never-worse rule, the least excess still decides.
+    assert choose(cands[:1], BASE, c) == ("constraints_unsatisfiable", 0)
+
+
 def test_pareto_front() -> None:
     cands = [
         Candidate(Recipe(), _m(0.95, 1_000_000, 4.0), True, False),
