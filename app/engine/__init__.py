@@ -10,7 +10,6 @@ from typing import Any
 
 from app.engine.errors import (
     Cancelled,
-    ConstraintsUnsatisfiable,
     EngineError,
     InputMismatch,
     InvalidData,
@@ -26,7 +25,6 @@ __all__ = [
     "Cancelled",
     "Candidate",
     "Constraints",
-    "ConstraintsUnsatisfiable",
     "EngineError",
     "InputMismatch",
     "InvalidData",

@@ -49,12 +49,6 @@ class InvalidRecipe(EngineError):
     code = "invalid_recipe"
 
 
-class ConstraintsUnsatisfiable(EngineError):
-    """No candidate met the constraints. Used only where a Result cannot be returned."""
-
-    code = "constraints_unsatisfiable"
-
-
 class Cancelled(EngineError):
     """Raised from a progress callback to stop the run at the next progress point."""
 

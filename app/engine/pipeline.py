@@ -87,6 +87,39 @@ def _input_specs(ep: torch.export.ExportedProgram) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+def _require_dynamic_batch(ep: torch.export.ExportedProgram, model: nn.Module,
+                           example_inputs: tuple[torch.Tensor, ...], filename: str) -> None:
+    """Every stage runs the model at other batch sizes than its export's (calibration,
+    training, latency at ``Constraints.batch_size``). A program exported without a dynamic
+    batch is fine when only its input spec fixed the batch; when its graph bakes the size in
+    (attention reshapes to ``[batch * heads, ...]``), the job fails here with what to do,
+    not later with a raw ``view`` error from the first export."""
+    from app.engine.errors import InvalidModel
+    from app.engine.stages.prune import has_dynamic_batch, reexport
+
+    if has_dynamic_batch(ep):
+        return
+    try:
+        reexport(model, example_inputs, strict=True)
+    except InvalidModel as e:
+        fixed = [f"{s.arg.name}: {list(ph.meta['val'].shape)}"
+                 for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"
+                 for ph in ep.graph.nodes if ph.op == "placeholder" and ph.name == s.arg.name
+                 and hasattr(ph.meta.get("val"), "shape")]
+        raise InvalidModel(
+            f"{filename} was exported with a fixed batch size ({'; '.join(fixed)}) and its "
+            "graph depends on that size, so it cannot run the other batch sizes compression "
+            "needs; export it again with a dynamic batch dimension, e.g. "
+            "torch.export.export(model, args, dynamic_shapes=({0: torch.export.Dim('batch')},"
+            " ...)) with one entry per input"
+            f" ({_first_line(str(e.__cause__ or e))})") from e
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _has_depthwise(model: nn.Module) -> bool:
     return any(
         isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
@@ -552,6 +585,7 @@ def _run(
     train, val = train_all.split(VAL_FRACTION, spec.seed)
     teacher = modularize(ep).eval()
     example_inputs = tuple(t[:2] for t in train.take(2).tensors())
+    _require_dynamic_batch(ep, teacher, example_inputs, model_path.name)
     clock.progress("load", 1.0, f"data: {train.samples} train, {val.samples} validation, "
                    f"{holdout.samples} held-out samples; device {device}")
 

@@ -140,3 +140,33 @@ def test_cli_bad_data_exit_2_with_precise_message(
     with pytest.raises(InputMismatch):
         pipeline.run(files[0], bad, _spec(), tmp_path / "out2", space=SPACE)
     assert EXIT_OK == 0
+
+
+def test_fixed_batch_program_fails_at_load_with_what_to_do(tmp_path: Path) -> None:
+    """A .pt2 exported without a dynamic batch whose attention reshapes bake the batch size in
+    used to fail the first export with a raw ``RuntimeError: shape '[16, 16, 16]' is invalid``;
+    it is ``invalid_model`` at load, naming the fixed shape and the re-export to do. The same
+    kind of program whose graph does not depend on the batch (an MLP) still runs."""
+    from app.engine.errors import InvalidModel
+    from examples.zoo import TinyEncoder
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 16, 16)
+    torch.export.save(torch.export.export(TinyEncoder().eval(), (x,)), str(tmp_path / "enc.pt2"))
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal(
+        (64, 1, 16, 16)).astype(np.float32))
+    with pytest.raises(InvalidModel) as e:
+        pipeline.run(tmp_path / "enc.pt2", tmp_path / "data.npz", _spec(), tmp_path / "out",
+                     None, space=SPACE)
+    assert "fixed batch size (x: [4, 1, 16, 16])" in str(e.value)
+    assert "dynamic_shapes" in str(e.value)
+
+    xs, ys = digits(8)
+    mlp = MLP(size=8, hidden=32).eval()
+    torch.export.save(torch.export.export(mlp, (xs[:4],)), str(tmp_path / "mlp.pt2"))
+    np.savez(tmp_path / "mlp.npz", x=xs.numpy(), labels=ys.numpy())
+    r = pipeline.run(tmp_path / "mlp.pt2", tmp_path / "mlp.npz", _spec(batch_size=8),
+                     tmp_path / "out2", None, space=SPACE)
+    sess = ort.InferenceSession(str(r.artifacts["model.onnx"]), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {sess.get_inputs()[0].name: xs[:7].numpy()})
+    assert out.shape == (7, 10)  # batch 7: neither the export's 4 nor the job's 8
