@@ -245,7 +245,8 @@ class OnnxEvaluator:
                             f" baseline (noise +-{cmp.noise:.1%})")
         return metrics
 
-    def distill(self, built: OnnxBuilt, epochs: int, time_budget_s: float) -> OnnxBuilt:
+    def distill(self, built: OnnxBuilt, epochs: int, time_budget_s: float,
+                max_epochs: int | None = None) -> OnnxBuilt:
         raise InvalidRecipe("distillation is not applicable to an ONNX model "
                             "(it needs the PyTorch graph)")
 

@@ -376,7 +376,8 @@ class StageEvaluator:
             self.clock.progress("quantize", 0.0, f"{scheme.name}: calibrating")
         return self._export(recipe, pruned, "ptq")
 
-    def distill(self, built: Built, epochs: int, time_budget_s: float) -> Built:
+    def distill(self, built: Built, epochs: int, time_budget_s: float,
+                max_epochs: int | None = None) -> Built:
         from app.engine.schemes import get
         from app.engine.stages.distill import FAMILY_SCHEDULES, DistillConfig, distill
         from app.engine.stages.quantize import convert
@@ -392,7 +393,8 @@ class StageEvaluator:
         teacher = copy.deepcopy(self.teacher).to(self.device).eval()
         # The rate is the recipe's (the planner fills it per model family); the warm-up and
         # decay are the family's (stages.distill.FAMILY_SCHEDULES).
-        cfg = DistillConfig(epochs=epochs, temperature=recipe.temperature, alpha=recipe.alpha,
+        cfg = DistillConfig(epochs=epochs, max_epochs=max_epochs,
+                            temperature=recipe.temperature, alpha=recipe.alpha,
                             lr=recipe.lr, time_budget_s=time_budget_s, seed=recipe.seed,
                             mixup=recipe.mixup, patience=DISTILL_PATIENCE,
                             warmup_fraction=FAMILY_SCHEDULES[self.family].warmup_fraction,
@@ -404,6 +406,7 @@ class StageEvaluator:
             "recipe": f"prune {recipe.prune_ratio:.0%} {recipe.quant}", "family": self.family,
             "lr": recipe.lr, "warmup_fraction": cfg.warmup_fraction,
             "min_lr_fraction": cfg.min_lr_fraction, "epochs_run": epochs_run,
+            "epochs_planned": rep.planned_epochs,
             "best_epoch": rep.best_epoch, "stopped": rep.stopped_reason,
             "quality_kind": rep.quality_kind,
             "validation_quality_start": rep.initial_holdout_quality,

@@ -149,6 +149,26 @@ def test_early_stopping_on_patience(
     assert rep.best_holdout_quality == rep.initial_holdout_quality
 
 
+def test_schedule_grows_to_the_budget_up_to_max_epochs(
+    teacher: torch.nn.Module, sets: tuple[Dataset, Dataset]
+) -> None:
+    """A 600 s job distilled HF ResNet pruned 70 % for its 12 epochs in 5 s of a 151 s share
+    and missed the quality limit by 3 samples. With ``max_epochs`` the schedule grows to what
+    the budget holds (up to ``max_epochs``); without it, or on a tight budget, it does not."""
+    tr, ho = sets
+    small = tr.take(256)
+    grown = distill(_student(), teacher, small, ho, DistillConfig(
+        epochs=3, max_epochs=9, lr=1e-2, patience=1, time_budget_s=120), device=CPU)
+    assert grown.planned_epochs == 9
+    # patience grew with the plan (9 // 4 = 2): one stale epoch no longer stops it
+    assert grown.epochs_run > 3 or grown.stopped_reason == "early_stopping", grown.history
+    fixed = distill(_student(), teacher, small, ho, DistillConfig(
+        epochs=3, lr=1e-2, patience=1, time_budget_s=120), device=CPU)
+    assert fixed.planned_epochs == 3 and fixed.epochs_run <= 3
+    with pytest.raises(ValueError, match="max_epochs"):
+        DistillConfig(epochs=5, max_epochs=4)
+
+
 def test_time_budget_stops_between_batches(
     teacher: torch.nn.Module, sets: tuple[Dataset, Dataset]
 ) -> None:

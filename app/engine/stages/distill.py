@@ -17,10 +17,11 @@ AdamW with a per-step schedule: linear warm-up over ``warmup_fraction`` of the p
 then cosine decay to ``min_lr_fraction`` of ``lr`` (a pruned student needs a high rate to
 recover and a low one to settle batch-norm statistics and fake-quant ranges). The planned steps
 are ``epochs`` epochs; if after the first epoch the time budget cannot hold them, the plan
-shrinks once to the epochs that fit, so the decay still happens. The learning rate and warm-up
-suit the model family (:func:`model_family`, :data:`FAMILY_SCHEDULES`): attention /
-LayerNorm models collapse at the rates BN CNNs need (a ViT fell from 75 % to chance in one
-epoch at 5e-3).
+shrinks once to the epochs that fit, so the decay still happens; if it holds more and
+``max_epochs`` allows, the plan grows once to what fits (up to ``max_epochs``). The
+learning rate and warm-up suit the model family (:func:`model_family`,
+:data:`FAMILY_SCHEDULES`): attention / LayerNorm models collapse at the rates BN CNNs
+need (a ViT fell from 75 % to chance in one epoch at 5e-3).
 
 Held-out quality after every epoch (accuracy with labels, else top-1 agreement with the
 teacher, or mean cosine for embeddings), ties broken by the held-out distillation loss (a
@@ -77,6 +78,10 @@ class DataLike(Protocol):
 @dataclass(frozen=True)
 class DistillConfig:
     epochs: int = 10
+    # Epochs the plan may grow to when the time budget holds more than ``epochs`` (measured
+    # after the first epoch); None = exactly ``epochs``. Early-stopping patience grows with
+    # the plan (a quarter of it), so a long cosine schedule reaches its low-rate end.
+    max_epochs: int | None = None
     temperature: float = 4.0  # softening of both logit sets in the KL term
     alpha: float = 0.7  # weight of the KL term vs cross-entropy (labels only)
     lr: float = 1e-3  # AdamW peak learning rate (after warm-up)
@@ -96,6 +101,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("epochs >= 0, batch_size >= 1 and patience >= 1 are required")
+        if self.max_epochs is not None and self.max_epochs < self.epochs:
+            raise ValueError("max_epochs must be >= epochs (or None)")
         if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0 or self.lr <= 0:
             raise ValueError("alpha in [0, 1], temperature > 0 and lr > 0 are required")
         if self.mixup < 0:
@@ -176,6 +183,7 @@ class DistillReport:
     quality_kind: QualityKind = "accuracy"
     initial_holdout_quality: float = math.nan  # the student before any training
     best_epoch: int = 0  # 0 = the untrained start was best
+    planned_epochs: int = 0  # the schedule's length after the first epoch's re-plan
     rolled_back: bool = False  # training ran but no epoch beat the start: the start returned
 
 
@@ -347,12 +355,17 @@ def distill(
     gen = torch.Generator().manual_seed(config.seed)
     n = int(xs[0].shape[0])
     steps_per_epoch = n // bs + (1 if n % bs >= 2 else 0)  # a 1-sample last batch is skipped
-    planned = [max(config.epochs * steps_per_epoch, 1)]  # total steps; may shrink (module doc)
+    planned = [max(config.epochs * steps_per_epoch, 1)]  # total steps; may change (module doc)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_factor(step, planned[0], config))
     train_start = time.monotonic()
+    # A shrunk plan only shortens the decay (training goes on at the low rate until the
+    # clock stops it); a grown one also moves the last epoch.
+    plan_epochs, last_epoch, patience = config.epochs, config.epochs, config.patience
 
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, max(config.epochs, config.max_epochs or 0) + 1):
+        if epoch > last_epoch:
+            break
         if time.monotonic() - start >= config.time_budget_s:
             reason = "time_budget"
             break
@@ -392,7 +405,16 @@ def distill(
             epoch_s = max(time.monotonic() - train_start, 1e-6)
             fit = 1 + int((config.time_budget_s - (time.monotonic() - start)) / epoch_s)
             if fit < config.epochs:
+                plan_epochs = fit
                 planned[0] = max(fit * steps_per_epoch, 1)
+            elif config.max_epochs is not None and config.max_epochs > config.epochs:
+                # The budget holds more: a longer schedule (a "patient" teacher) recovers
+                # more of a hard-pruned student. 80 % of what fits: evaluation per epoch and
+                # the clock's jitter must not cut the decay short.
+                plan_epochs = max(config.epochs, min(config.max_epochs, int(0.8 * fit)))
+                last_epoch = plan_epochs
+                planned[0] = max(plan_epochs * steps_per_epoch, 1)
+                patience = max(config.patience, plan_epochs // 4)
         if seen:
             quality, kind, hold_loss = evaluate(student)
         else:
@@ -410,13 +432,13 @@ def distill(
         else:
             stale += 1
         if on_progress is not None:
-            on_progress("distill", epoch / max(config.epochs, 1),
-                        f"epoch {epoch}/{config.epochs}: holdout {kind} {quality:.4f} "
+            on_progress("distill", epoch / max(last_epoch, 1),
+                        f"epoch {epoch}/{last_epoch}: holdout {kind} {quality:.4f} "
                         f"(best {best:.4f})")
         if out_of_time:
             reason = "time_budget"
             break
-        if stale >= config.patience:
+        if stale >= patience:
             reason = "early_stopping"
             break
 
@@ -431,5 +453,5 @@ def distill(
     return DistillReport(
         student=student, epochs_run=epochs_run, best_holdout_quality=best, history=history,
         stopped_reason=reason, quality_kind=kind, initial_holdout_quality=initial,
-        best_epoch=best_epoch, rolled_back=rolled_back,
+        best_epoch=best_epoch, rolled_back=rolled_back, planned_epochs=plan_epochs,
     )
