@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # one model failing must not hide the others' figures
             runs.append(Run(name, error=traceback.format_exc()))
             print(f"[{name}] FAILED\n{runs[-1].error}", flush=True)
+        # The table so far, after every model: a run stopped early still leaves its figures.
+        print("\n".join(table(runs[-1:])[1:]), flush=True)
     lines = table(runs)
     v, fourx, strictx = verdicts(runs)
     total = time.perf_counter() - start

@@ -149,7 +149,7 @@ def test_prepare_qat_trains_and_converts(
     set_training(p, True)
     opt = torch.optim.AdamW(params, lr=1e-2)
     losses = []
-    for i in range(0, 640, 64):
+    for i in range(0, 1152, 64):
         loss = torch.nn.functional.cross_entropy(p(x[i : i + 64]), y[i : i + 64])
         opt.zero_grad()
         loss.backward()
