@@ -16,7 +16,7 @@ import onnx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.engine.stages.evaluate import latency_ms, make_session
+from app.engine.stages.evaluate import compare_latency, make_session
 from tests.onnx_example import build_onnx
 from tests.service.conftest import Worker
 
@@ -106,8 +106,15 @@ def test_onnx_job_succeeds_with_a_faster_int8_model(
     acc_base = float((s_base.run(None, {"x": x})[0].argmax(1) == y).mean())
     acc_art = float((s_art.run(None, {"x": x})[0].argmax(1) == y).mean())
     assert acc_base > 0.9 and acc_art >= acc_base - 0.02, (acc_art, acc_base)
-    base_ms, art_ms = (p50 for p50, _ in latency_ms([s_base, s_art], {"x": x[:8]}, rounds=9))
-    assert art_ms < base_ms, f"int8 {art_ms:.3f} ms vs uploaded {base_ms:.3f} ms"
+    # Re-timed the way the engine judges (interleaved rounds, median of per-round ratios, an
+    # identical-model control): 9 rounds of p50s alone read a 0.07 ms model 9 % slower on
+    # this AVX2 machine once, within its noise.
+    cmp = compare_latency(s_base, [s_art], {"x": x[:8]}, control=make_session(model))
+    est = cmp.candidates[0]
+    base_ms, art_ms = cmp.baseline_p50_ms, est.p50_ms
+    assert est.ratio < 1.0, (f"int8 {art_ms:.3f} ms vs uploaded {base_ms:.3f} ms, ratio "
+                             f"{est.ratio:.3f} [{est.low:.3f}, {est.high:.3f}], control "
+                             f"{cmp.control.ratio:.3f}")
     print(f"\nONNX job: {job['metrics']['baseline']['size_bytes']} -> {best['size_bytes']} B, "
           f"p50 {base_ms:.3f} -> {art_ms:.3f} ms at batch 8, accuracy {acc_base:.4f} -> "
           f"{acc_art:.4f}")
