@@ -95,6 +95,7 @@ def _require_dynamic_batch(ep: torch.export.ExportedProgram, model: nn.Module,
     (attention reshapes to ``[batch * heads, ...]``), the job fails here with what to do,
     not later with a raw ``view`` error from the first export."""
     from app.engine.errors import InvalidModel
+    from app.engine.planner.search import _short
     from app.engine.stages.prune import has_dynamic_batch, reexport
 
     if has_dynamic_batch(ep):
@@ -112,12 +113,7 @@ def _require_dynamic_batch(ep: torch.export.ExportedProgram, model: nn.Module,
             "needs; export it again with a dynamic batch dimension, e.g. "
             "torch.export.export(model, args, dynamic_shapes=({0: torch.export.Dim('batch')},"
             " ...)) with one entry per input"
-            f" ({_first_line(str(e.__cause__ or e))})") from e
-
-
-def _first_line(text: str, limit: int = 200) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else text
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+            f" ({_short(str(e.__cause__ or e).strip(), 200)})") from e
 
 
 def _has_depthwise(model: nn.Module) -> bool:
