@@ -1,7 +1,8 @@
 """Export: single-file ONNX (dynamo exporter, dynamic batch), .pt2, hashes, library versions.
 
 ``export_onnx`` of a converted PT2E model gives a QDQ graph (QuantizeLinear/DequantizeLinear
-around Conv/Gemm/MatMul) that ONNX Runtime fuses into int8 kernels.
+around Conv/Gemm/MatMul) that ONNX Runtime fuses into int8 kernels; zero ``Pad`` nodes in front
+of a Conv are folded into its ``pads`` so that the fusion is not blocked.
 """
 
 from __future__ import annotations
@@ -101,8 +102,11 @@ def export_onnx(
     # trace and module path (a quarter of a small int8 file, and it leaks server paths).
     import onnx
 
+    from app.engine.stages.onnx_rewrite import fold_zero_pads
+
     proto = onnx.load(str(path), load_external_data=True)
     strip_metadata(proto)
+    fold_zero_pads(proto)  # int8: ORT does not fuse Pad -> Q -> DQ -> Conv (onnx_rewrite.py)
     onnx.save(proto, str(path), save_as_external_data=False)
     if side.exists():  # exporters that ignore external_data=False
         side.unlink()
