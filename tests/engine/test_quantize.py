@@ -230,3 +230,29 @@ def test_qat_graph_has_no_more_requantize_than_ptq(
     left_qat, left_ptq = _ort_fused_ops(qat, tmp_path), _ort_fused_ops(ptq, tmp_path)
     assert [left_qat[k] for k in qdq] == [left_ptq[k] for k in qdq], (left_qat, left_ptq)
     assert left_qat["QLinearConv"] == left_ptq["QLinearConv"] == 8
+
+
+def test_qat_skip_depthwise_trains_converts_and_keeps_depthwise_fp32(
+    data: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
+) -> None:
+    """main: ``prepare_qat(skip_depthwise=True)`` on conv-bn-act depthwise blocks raised
+    IndexError inside torchao's conv-bn fusion, and the whole job with it (zoo EfficientNet)."""
+    x, y = data
+    torch.manual_seed(0)
+    model = DWCNN(width=8)
+    ex = (x[:4],)
+    p = prepare_qat(model, ex, skip_depthwise=True)
+    set_training(p, True)
+    opt = torch.optim.AdamW([t for t in p.parameters() if t.requires_grad], lr=1e-2)
+    loss = torch.nn.functional.cross_entropy(p(x[:64]), y[:64])  # one step: it trains
+    loss.backward()
+    opt.step()
+    q = convert(p)
+    with torch.no_grad():
+        real = q(x[1200:1400])
+    path = export_onnx(q, ex, tmp_path / "qat_dw.onnx")
+    assert depthwise_fp32(path) == (3, 3)
+    fused = _ort_fused_ops(path, tmp_path)
+    assert fused["QLinearConv"] >= 3, fused  # the stem and pointwise convs run int8
+    got = onnx_outputs(path, (x[1200:1400],))[0]
+    assert np.abs(got - real.numpy()).max() < 0.1 * np.abs(real.numpy()).max()

@@ -73,6 +73,7 @@ _PATTERNS: dict[tuple[Any, ...], torch.fx.GraphModule] = {}
 _ORIG_PATTERN = _pt2e_utils._get_aten_graph_module_for_pattern
 _ORIG_FOLD_HELPER = _qat_utils._fold_conv_bn_qat_helper
 _ORIG_FUSE_HELPER = _qat_utils._fuse_conv_bn_qat_helper
+_ORIG_UPDATE_QSPEC = _qat_utils._update_conv_input_qspec_map_after_replacement
 _CONV_OPS = {
     torch.nn.functional.conv1d: torch.ops.aten.conv1d.default,
     torch.nn.functional.conv2d: torch.ops.aten.conv2d.default,
@@ -135,22 +136,40 @@ def _fuse_helper_if_present(
     return _ORIG_FUSE_HELPER(m, conv_fn, example_inputs, is_cuda)
 
 
+def _update_qspec_if_quantized(original_node: torch.fx.Node,
+                               replacement_node: torch.fx.Node) -> None:
+    """torchao 0.18 bug: QAT conv-bn fusion copies the conv's input qspecs by position and
+    raises ``IndexError`` when the conv is annotated *not* to be quantized (empty map: the
+    depthwise convs of ``skip_depthwise``, EfficientNet's and DWCNN's conv-bn-act blocks).
+    Such a conv keeps an empty map: it stays fp32, as annotated."""
+    ann = original_node.meta.get("quantization_annotation")
+    if ann is not None and not ann.input_qspec_map:
+        new = replacement_node.meta.get("quantization_annotation")
+        if new is not None:
+            new.input_qspec_map = {}
+        return
+    _ORIG_UPDATE_QSPEC(original_node, replacement_node)
+
+
 @contextlib.contextmanager
 def _fast_patterns() -> Iterator[None]:
     saved = (_pt2e_utils._get_aten_graph_module_for_pattern,
              _qat_utils._get_aten_graph_module_for_pattern, _qat_utils._fold_conv_bn_qat_helper,
-             _qat_utils._fuse_conv_bn_qat_helper)
+             _qat_utils._fuse_conv_bn_qat_helper,
+             _qat_utils._update_conv_input_qspec_map_after_replacement)
     _pt2e_utils._get_aten_graph_module_for_pattern = _memo_pattern
     _qat_utils._get_aten_graph_module_for_pattern = _memo_pattern
     _qat_utils._fold_conv_bn_qat_helper = _fold_helper_if_present
     _qat_utils._fuse_conv_bn_qat_helper = _fuse_helper_if_present
+    _qat_utils._update_conv_input_qspec_map_after_replacement = _update_qspec_if_quantized
     try:
         yield
     finally:
         (_pt2e_utils._get_aten_graph_module_for_pattern,
          _qat_utils._get_aten_graph_module_for_pattern,
          _qat_utils._fold_conv_bn_qat_helper,
-         _qat_utils._fuse_conv_bn_qat_helper) = saved
+         _qat_utils._fuse_conv_bn_qat_helper,
+         _qat_utils._update_conv_input_qspec_map_after_replacement) = saved
 
 
 # ---------------------------------------------------------------------------------------------
