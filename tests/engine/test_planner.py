@@ -273,3 +273,26 @@ def test_identical_speed_candidate_rejected_finalists_remeasured(
     # The search filled the MLP's family rate (no SearchSpace.lr given).
     assert r.report["distillation"]["family"] == "dense"
     assert all(c.recipe.lr == FAMILY_SCHEDULES["dense"].lr for c in r.candidates)
+
+
+def test_a_failing_distillation_is_reported_and_the_search_goes_on(
+    mlp_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """main: an exception in one scheme's QAT preparation (torchao's IndexError on the zoo
+    EfficientNet's skip-depthwise conv-bn blocks) ended the whole job with a traceback."""
+    from app.engine import schemes
+
+    def broken(self: schemes.Scheme, model: torch.nn.Module, example_inputs: object) -> None:
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(schemes.Int8Static, "prepare_qat", broken)  # fault injection
+    model, data = mlp_files
+    space = SearchSpace(prune_ratios=(0.8,), quant_schemes=("int8_static", "none"),
+                        distill_epochs=4, max_distill=2)
+    r = pipeline.run(model, data, _spec(max_accuracy_drop=0.03), tmp_path, space=space)
+    assert r.status == "succeeded", r.message
+    assert r.best.distilled and r.best.recipe.quant == "none"
+    assert any("distillation of int8_static candidates failed" in w and "IndexError" in w
+               for w in r.report["warnings"]), r.report["warnings"]
+    assert any(s["error"].startswith("distillation: IndexError") for s in r.report["skipped"])
+    assert not any(c.distilled and c.recipe.quant == "int8_static" for c in r.candidates)

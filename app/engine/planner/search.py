@@ -286,10 +286,7 @@ def search(
             built.append(ev.build(recipe))
             build_s.append(clock() - t0)
         except Exception as e:  # one grid point failing to build must not sink the search
-            from app.engine.errors import Cancelled, TimeBudgetExceeded
-
-            if isinstance(e, Cancelled | TimeBudgetExceeded):
-                raise
+            _reraise_control(e)
             error = f"{type(e).__name__}: {e}"
             skipped.append({"recipe": str(recipe.to_dict()), "error": error})
             if recipe.quant != "none" and recipe.quant not in failed:
@@ -345,7 +342,17 @@ def search(
                     label=f"prune {r.prune_ratio:.0%} {r.quant}")
         progress("distill", 0.0, f"distilling prune {candidates[i].recipe.prune_ratio:.0%} "
                  f"{candidates[i].recipe.quant} (budget {budget:.0f} s)")
-        b2 = ev.distill(built[i], space.distill_epochs, budget, space.max_distill_epochs)
+        try:
+            b2 = ev.distill(built[i], space.distill_epochs, budget, space.max_distill_epochs)
+        except Exception as e:  # one scheme's QAT failing must not sink the search
+            _reraise_control(e)
+            error = f"{type(e).__name__}: {e}"
+            skipped.append({"recipe": str(r.to_dict()), "error": f"distillation: {error}"})
+            warnings.append(f"distillation of {r.quant} candidates failed on this model "
+                            f"({_short(error)}); the search goes on without them")
+            progress("distill", 1.0, warnings[-1])
+            window = [j for j in window if candidates[j].recipe.quant != r.quant]
+            continue
         distilled += 1
         m2 = ev.measure([b2])[0]
         c2 = _candidate(b2.recipe, m2, baseline, constraints, True)
@@ -371,6 +378,14 @@ def search(
     return Outcome(status=status, best_index=best, candidates=candidates, built=built,
                    front=pareto_front(candidates), skipped=skipped, warnings=warnings,
                    remeasured=remeasured)
+
+
+def _reraise_control(e: Exception) -> None:
+    """Cancellation and the time budget end the search; any other failure is one candidate's."""
+    from app.engine.errors import Cancelled, TimeBudgetExceeded
+
+    if isinstance(e, Cancelled | TimeBudgetExceeded):
+        raise e
 
 
 def _short(error: str, limit: int = 240) -> str:
