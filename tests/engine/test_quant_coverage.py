@@ -190,3 +190,36 @@ def test_int8_export_folds_zero_pads_into_conv(tmp_path: Path) -> None:
         ref = q(x).numpy()
     got = onnx_outputs(path, (x,))[0]
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+class _OversizedPoolNet(nn.Module):
+    """EfficientNet's head: ``nn.AvgPool2d(hidden_dim, ceil_mode=True)`` on a small map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(1, 16, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.pool = nn.AvgPool2d(64, ceil_mode=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.head(self.pool(x).flatten(1))
+
+
+def test_int8_oversized_average_pool_is_not_zeroed(tmp_path: Path) -> None:
+    """main: ORT's QLinearAveragePool zeroed the pooled features (every int8 EfficientNet
+    predicted one class); the export now writes a GlobalAveragePool."""
+    model = _OversizedPoolNet().eval()
+    x = torch.randn(96, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    ex = (x[:4],)
+    q = quantize_static(model, ex, [(x[i:i + 32],) for i in range(0, 96, 32)])
+    path = export_onnx(q, ex, tmp_path / "pool_int8.onnx")
+    ops = _ops(path)
+    assert ops["AveragePool"] == 0 and ops["GlobalAveragePool"] == 1
+    with torch.no_grad():
+        ref = q(x).numpy()
+    got = onnx_outputs(path, (x,))[0]  # ONNX Runtime, default optimizations: int8 kernels
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+    assert (got.argmax(1) == ref.argmax(1)).mean() > 0.9

@@ -102,11 +102,12 @@ def export_onnx(
     # trace and module path (a quarter of a small int8 file, and it leaks server paths).
     import onnx
 
-    from app.engine.stages.onnx_rewrite import fold_zero_pads
+    from app.engine.stages.onnx_rewrite import fold_zero_pads, global_average_pools
 
     proto = onnx.load(str(path), load_external_data=True)
     strip_metadata(proto)
     fold_zero_pads(proto)  # int8: ORT does not fuse Pad -> Q -> DQ -> Conv (onnx_rewrite.py)
+    global_average_pools(proto)  # int8: ORT's QLinearAveragePool zeroes an oversized window
     onnx.save(proto, str(path), save_as_external_data=False)
     if side.exists():  # exporters that ignore external_data=False
         side.unlink()
