@@ -1,8 +1,9 @@
 """Export: single-file ONNX (dynamo exporter, dynamic batch), .pt2, hashes, library versions.
 
 ``export_onnx`` of a converted PT2E model gives a QDQ graph (QuantizeLinear/DequantizeLinear
-around Conv/Gemm/MatMul) that ONNX Runtime fuses into int8 kernels; zero ``Pad`` nodes in front
-of a Conv are folded into its ``pads`` so that the fusion is not blocked.
+around Conv/Gemm/MatMul) that ONNX Runtime fuses into int8 kernels. Two graph rewrites keep
+that fusion right (``onnx_rewrite``): zero ``Pad`` nodes in front of a Conv are folded into its
+``pads``, and an ``AveragePool`` whose one window covers its input becomes ``GlobalAveragePool``.
 """
 
 from __future__ import annotations

@@ -38,9 +38,9 @@ def fold_zero_pads(proto: onnx.ModelProto) -> int:
     graph = proto.graph
     consts = _constants(graph)
     outputs = {o.name for o in graph.output}
+    consumers = _consumers(graph)  # kept current below: each fold rewires one value's readers
     folded = 0
     for pad in [n for n in graph.node if n.op_type == "Pad"]:
-        consumers = _consumers(graph)
         spatial = _zero_spatial_pads(pad, consts)
         if spatial is None:
             continue
@@ -50,10 +50,12 @@ def fold_zero_pads(proto: onnx.ModelProto) -> int:
         for conv in convs:
             _add_conv_pads(conv, spatial)
         # Bypass the Pad: whatever read its output now reads its input.
-        for node in consumers[pad.output[0]]:
+        for node in consumers.pop(pad.output[0]):
             for i, name in enumerate(node.input):
                 if name == pad.output[0]:
                     node.input[i] = pad.input[0]
+            consumers[pad.input[0]].append(node)
+        consumers[pad.input[0]].remove(pad)
         graph.node.remove(pad)
         folded += 1
     if folded:
