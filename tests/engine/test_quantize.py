@@ -256,3 +256,56 @@ def test_qat_skip_depthwise_trains_converts_and_keeps_depthwise_fp32(
     assert fused["QLinearConv"] >= 3, fused  # the stem and pointwise convs run int8
     got = onnx_outputs(path, (x[1200:1400],))[0]
     assert np.abs(got - real.numpy()).max() < 0.1 * np.abs(real.numpy()).max()
+
+
+def test_non_strict_rewrite_patterns_are_torchao_s_graphs(
+    data: tuple[torch.Tensor, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rewrite patterns are traced non-strict for speed (quantize.py); a torch / torchao
+    upgrade that makes those graphs differ from torchao's own strict ones would make conv-bn
+    fusion silently match nothing. Compares node for node (ops, targets, wiring, constants)
+    the patterns one QAT prepare + convert of a conv-bn net asks for."""
+    from torchao.quantization.pt2e import utils as pt2e_utils
+
+    from app.engine.stages import quantize as q
+
+    seen: list[tuple[object, tuple[object, ...], bool, dict[str, object]]] = []
+    mine = q._export_pattern
+
+    def record(pattern: object, ex: tuple[object, ...], is_cuda: bool = False,
+               **kwargs: object) -> torch.fx.GraphModule:
+        seen.append((pattern, ex, is_cuda, kwargs))
+        return mine(pattern, ex, is_cuda, **kwargs)
+
+    monkeypatch.setattr(q, "_export_pattern", record)
+    monkeypatch.setattr(q, "_PATTERNS", {})  # no memo: every pattern is traced here
+    x, _ = data
+    p = prepare_qat(DWCNN(width=4), (x[:4],))
+    set_training(p, True)
+    with torch.no_grad():
+        p(x[:16])
+    convert(p)
+
+    def signature(gm: torch.fx.GraphModule) -> list[tuple[object, ...]]:
+        index = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+        def arg(v: object) -> object:
+            if isinstance(v, torch.fx.Node):
+                return ("node", index[v])
+            if isinstance(v, (list, tuple)):
+                return tuple(arg(u) for u in v)
+            return repr(v)
+
+        return [(n.op, str(n.target), arg(n.args),
+                 tuple(sorted((k, arg(v)) for k, v in n.kwargs.items())))
+                for n in gm.graph.nodes]
+
+    kinds = {getattr(getattr(pat, "fn", pat), "__qualname__", "?") for pat, *_ in seen}
+    assert any("conv_bn" in k for k in kinds) and any("batchnorm" in k for k in kinds), kinds
+    # One of each kind: the strict reference costs about 0.5 s a pattern.
+    firsts: dict[str, tuple[object, tuple[object, ...], bool, dict[str, object]]] = {}
+    for item in seen:
+        firsts.setdefault(getattr(getattr(item[0], "fn", item[0]), "__qualname__", "?"), item)
+    for name, (pat, ex, is_cuda, kwargs) in firsts.items():
+        strict = pt2e_utils._get_aten_graph_module_for_pattern(pat, ex, is_cuda, **kwargs)
+        assert signature(mine(pat, ex, is_cuda, **kwargs)) == signature(strict), name
