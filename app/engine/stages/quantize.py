@@ -127,7 +127,7 @@ def _export_pattern(
             gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return gm  # type: ignore[return-value]
+    return gm
 
 
 def _memo_pattern(
