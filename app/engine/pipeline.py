@@ -231,10 +231,11 @@ class StageEvaluator:
         *,
         device: torch.device,
         clock: _Clock,
+        baseline_key: str | None = None,
     ) -> None:
         from app.engine.stages.distill import model_family
         from app.engine.stages.evaluate import evaluate_onnx, make_session, run_onnx
-        from app.engine.stages.export import export_onnx
+        from app.engine.stages.export import BASELINES, export_onnx
         from app.engine.stages.quality import Scorer
 
         self.teacher = teacher
@@ -252,7 +253,10 @@ class StageEvaluator:
         self.family = model_family(teacher)  # decides distillation rate and warm-up
         self.distill_log: list[dict[str, Any]] = []  # one entry per distillation
         clock.progress("baseline", 0.0, "exporting the fp32 baseline to ONNX")
-        self.baseline_onnx = export_onnx(teacher, example_inputs, workdir / "baseline.onnx")
+        self.baseline_onnx = workdir / "baseline.onnx"
+        self.baseline_cached = BASELINES.export(
+            baseline_key, self.baseline_onnx,
+            lambda path: export_onnx(teacher, example_inputs, path))
         base_sess = make_session(self.baseline_onnx, threads=constraints.threads)
         # Reference outputs for fidelity (no labels) and agreement: the fp32 ONNX model.
         self.reference = run_onnx(base_sess, holdout, batch_size=64)
@@ -268,7 +272,9 @@ class StageEvaluator:
         clock.progress(
             "baseline", 1.0,
             f"baseline: {self.baseline.quality_kind} {self.baseline.quality:.4f}, "
-            f"{self.baseline.size_bytes / 1e6:.3f} MB, p50 {self.baseline.latency_p50_ms:.3f} ms",
+            f"{self.baseline.size_bytes / 1e6:.3f} MB, p50 {self.baseline.latency_p50_ms:.3f} ms"
+            + (" (ONNX export reused: same model file, same input shapes)"
+               if self.baseline_cached else ""),
         )
 
     # -- measurement ---------------------------------------------------------------------------
@@ -561,7 +567,7 @@ def _run(
     from app.engine.formats.data import load_dataset
     from app.engine.formats.pt2 import check_pt2_archive, load_pt2
     from app.engine.graph import modularize
-    from app.engine.stages.export import export_pt2, onnx_parity
+    from app.engine.stages.export import export_key, export_pt2, onnx_parity, sha256_file
     from app.engine.stages.quality import holdout_warnings
 
     c = spec.constraints
@@ -590,7 +596,8 @@ def _run(
 
     # -- baseline + plan ----------------------------------------------------------------------
     ev = StageEvaluator(teacher, example_inputs, train, val, holdout, c, work,
-                        device=device, clock=clock)
+                        device=device, clock=clock,
+                        baseline_key=export_key(sha256_file(model_path), example_inputs))
     search_deadline = clock.deadline - max(EXPORT_RESERVE_S, 0.15 * c.time_budget_s)
     outcome: Outcome
     if spec.recipe is not None:

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from app.engine.stages.export import (
+    OnnxCache,
+    export_key,
     export_onnx,
     export_pt2,
     library_versions,
@@ -131,3 +133,38 @@ def test_onnx_parity_detects_a_different_model(x: torch.Tensor, tmp_path: Path) 
     path = export_onnx(a, (x[:2],), tmp_path / "a.onnx")
     assert onnx_parity(a, path, (x[:16],)) < 1e-5
     assert onnx_parity(b, path, (x[:16],)) > 1e-2
+
+
+def test_onnx_cache_gives_the_fresh_export_s_bytes_and_stays_bounded(
+    x: torch.Tensor, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model = MLP(hidden=32).eval()
+    calls: list[Path] = []
+
+    def export(path: Path) -> Path:
+        calls.append(path)
+        return export_onnx(model, (x[:2],), path)
+
+    key = export_key("ab" * 32, (x[:2],))
+    cache = OnnxCache(max_bytes=1 << 30)
+    assert cache.export(key, tmp_path / "1.onnx", export) is False
+    assert cache.export(key, tmp_path / "2.onnx", export) is True
+    assert calls == [tmp_path / "1.onnx"]  # the hit did not export
+    fresh = export_onnx(model, (x[:2],), tmp_path / "fresh.onnx")
+    assert (tmp_path / "2.onnx").read_bytes() == fresh.read_bytes()
+
+    # Another file or other input shapes: another key, a real export.
+    assert export_key("cd" * 32, (x[:2],)) != key
+    other = export_key("ab" * 32, (x[:2].double(),))
+    assert other != key
+    assert cache.export(None, tmp_path / "3.onnx", export) is False and len(cache) == 1
+
+    # Bounded: room for one file only, the least recently used goes.
+    size = fresh.stat().st_size
+    small = OnnxCache(max_bytes=size + size // 2)
+    small.export(key, tmp_path / "4.onnx", export)
+    small.export(other, tmp_path / "5.onnx", export)
+    assert len(small) == 1
+    n = len(calls)
+    assert small.export(key, tmp_path / "6.onnx", export) is False and len(calls) == n + 1

@@ -97,8 +97,14 @@ def test_same_seed_same_recipe(
     tmp_path: Path,
 ) -> None:
     r1, _ = first_run
-    r2 = pipeline.run(*files, _spec(), tmp_path, space=SPACE)
+    seen: list[str] = []
+    r2 = pipeline.run(*files, _spec(), tmp_path, lambda s, f, m: seen.append(m), space=SPACE)
     assert r2.best.recipe == r1.best.recipe
+    # The same file again: the fp32 baseline's ONNX export is reused (and says so), and it
+    # measures the same.
+    assert any("ONNX export reused" in m for m in seen), seen
+    assert r2.baseline.size_bytes == r1.baseline.size_bytes
+    assert r2.baseline.quality == r1.baseline.quality
     # Structure, calibration and quality are deterministic; only latency is measured noise.
     assert [c.metrics.size_bytes for c in r2.candidates] == [
         c.metrics.size_bytes for c in r1.candidates]

@@ -13,8 +13,10 @@ import hashlib
 import importlib.metadata
 import io
 import platform
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +115,58 @@ def export_onnx(
     if side.exists():  # exporters that ignore external_data=False
         side.unlink()
     return path
+
+
+class OnnxCache:
+    """Exported ONNX files by key, least recently used dropped first, at most ``max_bytes``.
+
+    A worker compresses the same uploaded model again and again (one job per set of
+    constraints, a retry, a load of identical jobs): the fp32 baseline export of such a model
+    (a third of a small job's CPU here) is the same bytes every time. The key must name
+    everything the export depends on (the caller's job): here the model file's sha256 and the
+    example inputs' shapes and dtypes; the exporter's versions are fixed for a process.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._files: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()  # a thread-pool worker may run two jobs at once
+
+    def export(self, key: str | None, path: Path, export: Callable[[Path], Path]) -> bool:
+        """Write the file of ``key`` to ``path``: a copy if cached, else ``export(path)``
+        (then kept). Returns True for a cache hit. ``key`` None: always export, keep nothing."""
+        if key is not None:
+            with self._lock:
+                data = self._files.get(key)
+                if data is not None:
+                    self._files.move_to_end(key)
+            if data is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+                return True
+        export(path)
+        if key is not None:
+            data = path.read_bytes()
+            if len(data) <= self.max_bytes:
+                with self._lock:
+                    self._files[key] = data
+                    while sum(map(len, self._files.values())) > self.max_bytes:
+                        self._files.popitem(last=False)
+        return False
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+# Baselines of the last models this process compressed: 256 MiB holds one ResNet-50 (98 MB
+# fp32) or hundreds of small models; a worker host has GBs.
+BASELINES = OnnxCache(max_bytes=256 << 20)
+
+
+def export_key(model_sha256: str, example_inputs: Sequence[torch.Tensor]) -> str:
+    """Cache key of an export of the model file ``model_sha256`` traced on these inputs."""
+    shapes = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in example_inputs)
+    return f"{model_sha256}|{shapes}"
 
 
 def strip_metadata(proto: onnx.ModelProto) -> None:
