@@ -410,6 +410,7 @@ class StageEvaluator:
             "min_lr_fraction": cfg.min_lr_fraction, "epochs_run": epochs_run,
             "epochs_planned": rep.planned_epochs,
             "best_epoch": rep.best_epoch, "stopped": rep.stopped_reason,
+            "annealed_at_epoch": rep.annealed_at,
             "quality_kind": rep.quality_kind,
             "validation_quality_start": rep.initial_holdout_quality,
             "validation_quality_best": rep.best_holdout_quality,

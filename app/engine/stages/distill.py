@@ -32,8 +32,13 @@ returns a worse one than it got. A QAT student's start has no quantization range
 start is judged (and kept for the roll-back) as a calibrated copy, while training continues on
 the uncalibrated original (calibrating the trained student up front in eval mode cost DWCNN 3.3
 points: a freshly pruned model's eval-mode activations set ranges far too wide for the moving
-average to undo). Early stopping after ``patience`` epochs without improvement; the clock is
-checked between batches against ``time_budget_s``.
+average to undo). ``patience`` epochs without improvement while the rate is still high
+(above ``ANNEAL_ABOVE`` of the peak) do not stop the run: the best state is restored and the
+rate anneals from where it is to the floor over ``patience`` more epochs; only a plateau during
+that anneal (or its end) stops it. A cosine plan of 40 epochs otherwise stopped pruned students
+at 80 % of the peak rate, never reaching the low-rate end where they settle (ResCNN pruned
+70 %: 96.7 % validation accuracy at epoch 10, stopped at 14). The clock is checked between
+batches against ``time_budget_s``.
 ``on_progress`` is called once per epoch and may raise (``errors.Cancelled``) to stop the run:
 the exception propagates to the caller.
 """
@@ -173,6 +178,24 @@ def lr_factor(step: int, total: int, config: DistillConfig) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+# A plateau while the rate is above this fraction of its peak starts the anneal (module doc).
+ANNEAL_ABOVE = 0.3
+
+
+def anneal_factor(step: int, start: int, steps: int, start_factor: float,
+                  config: DistillConfig) -> float:
+    """Multiplier of ``config.lr`` during a plateau anneal: cosine from ``start_factor`` at
+    step ``start`` to ``config.min_lr_fraction`` after ``steps`` more steps, then flat.
+
+    >>> cfg = DistillConfig(min_lr_fraction=0.0)
+    >>> [round(anneal_factor(s, 10, 4, 0.8, cfg), 3) for s in (10, 12, 14, 20)]
+    [0.8, 0.4, 0.0, 0.0]
+    """
+    t = min(max(step - start, 0) / max(steps, 1), 1.0)
+    floor = config.min_lr_fraction
+    return floor + (start_factor - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 @dataclass
 class DistillReport:
     student: nn.Module  # best state, eval mode, on CPU
@@ -185,6 +208,7 @@ class DistillReport:
     best_epoch: int = 0  # 0 = the untrained start was best
     planned_epochs: int = 0  # the schedule's length after the first epoch's re-plan
     rolled_back: bool = False  # training ran but no epoch beat the start: the start returned
+    annealed_at: int | None = None  # epoch whose plateau started the anneal (module doc)
 
 
 def _first(out: object) -> torch.Tensor:
@@ -356,8 +380,16 @@ def distill(
     n = int(xs[0].shape[0])
     steps_per_epoch = n // bs + (1 if n % bs >= 2 else 0)  # a 1-sample last batch is skipped
     planned = [max(config.epochs * steps_per_epoch, 1)]  # total steps; may change (module doc)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_factor(step, planned[0], config))
+    # Set when a plateau starts the anneal: (first step, steps, factor at that step).
+    anneal: list[tuple[int, int, float]] = []
+
+    def factor(step: int) -> float:
+        if anneal:
+            return anneal_factor(step, anneal[0][0], anneal[0][1], anneal[0][2], config)
+        return lr_factor(step, planned[0], config)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    annealed_at: int | None = None
     train_start = time.monotonic()
     # A shrunk plan only shortens the decay (training goes on at the low rate until the
     # clock stops it); a grown one also moves the last epoch.
@@ -439,6 +471,16 @@ def distill(
             reason = "time_budget"
             break
         if stale >= patience:
+            now = factor(sched.last_epoch)
+            left = max(config.epochs, config.max_epochs or 0) - epoch
+            if annealed_at is None and now > ANNEAL_ABOVE and left > 0:
+                # Still at a high rate: settle from the best state at a decaying one.
+                annealed_at, stale = epoch, 0
+                n_anneal = min(patience, left)
+                student.load_state_dict(best_state)
+                anneal.append((sched.last_epoch, n_anneal * steps_per_epoch, now))
+                last_epoch = epoch + n_anneal
+                continue
             reason = "early_stopping"
             break
 
@@ -454,4 +496,5 @@ def distill(
         student=student, epochs_run=epochs_run, best_holdout_quality=best, history=history,
         stopped_reason=reason, quality_kind=kind, initial_holdout_quality=initial,
         best_epoch=best_epoch, rolled_back=rolled_back, planned_epochs=plan_epochs,
+        annealed_at=annealed_at,
     )
