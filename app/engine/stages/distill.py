@@ -173,9 +173,12 @@ def lr_factor(step: int, total: int, config: DistillConfig) -> float:
     if step < warm:
         return (step + 1) / (warm + 1)
     span = max(total - warm, 1)
-    t = min((step - warm) / span, 1.0)
-    floor = config.min_lr_fraction
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return _cosine(min((step - warm) / span, 1.0), 1.0, config.min_lr_fraction)
+
+
+def _cosine(t: float, high: float, floor: float) -> float:
+    """Half-cosine from ``high`` at t = 0 down to ``floor`` at t = 1."""
+    return floor + (high - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 # A plateau while the rate is above this fraction of its peak starts the anneal (module doc).
@@ -192,8 +195,7 @@ def anneal_factor(step: int, start: int, steps: int, start_factor: float,
     [0.8, 0.4, 0.0, 0.0]
     """
     t = min(max(step - start, 0) / max(steps, 1), 1.0)
-    floor = config.min_lr_fraction
-    return floor + (start_factor - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return _cosine(t, start_factor, config.min_lr_fraction)
 
 
 @dataclass
@@ -380,22 +382,23 @@ def distill(
     n = int(xs[0].shape[0])
     steps_per_epoch = n // bs + (1 if n % bs >= 2 else 0)  # a 1-sample last batch is skipped
     planned = [max(config.epochs * steps_per_epoch, 1)]  # total steps; may change (module doc)
-    # Set when a plateau starts the anneal: (first step, steps, factor at that step).
-    anneal: list[tuple[int, int, float]] = []
+    # Set when a plateau starts the anneal: (epoch, first step, steps, factor at that step).
+    anneal: list[tuple[int, int, int, float]] = []
 
     def factor(step: int) -> float:
         if anneal:
-            return anneal_factor(step, anneal[0][0], anneal[0][1], anneal[0][2], config)
+            _, first, steps, high = anneal[0]
+            return anneal_factor(step, first, steps, high, config)
         return lr_factor(step, planned[0], config)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    annealed_at: int | None = None
+    max_epoch = max(config.epochs, config.max_epochs or 0)  # the loop's hard end
     train_start = time.monotonic()
     # A shrunk plan only shortens the decay (training goes on at the low rate until the
     # clock stops it); a grown one also moves the last epoch.
     plan_epochs, last_epoch, patience = config.epochs, config.epochs, config.patience
 
-    for epoch in range(1, max(config.epochs, config.max_epochs or 0) + 1):
+    for epoch in range(1, max_epoch + 1):
         if epoch > last_epoch:
             break
         if time.monotonic() - start >= config.time_budget_s:
@@ -472,13 +475,11 @@ def distill(
             break
         if stale >= patience:
             now = factor(sched.last_epoch)
-            left = max(config.epochs, config.max_epochs or 0) - epoch
-            if annealed_at is None and now > ANNEAL_ABOVE and left > 0:
+            if not anneal and now > ANNEAL_ABOVE and epoch < max_epoch:
                 # Still at a high rate: settle from the best state at a decaying one.
-                annealed_at, stale = epoch, 0
-                n_anneal = min(patience, left)
+                stale, n_anneal = 0, min(patience, max_epoch - epoch)
                 student.load_state_dict(best_state)
-                anneal.append((sched.last_epoch, n_anneal * steps_per_epoch, now))
+                anneal.append((epoch, sched.last_epoch, n_anneal * steps_per_epoch, now))
                 last_epoch = epoch + n_anneal
                 continue
             reason = "early_stopping"
@@ -496,5 +497,5 @@ def distill(
         student=student, epochs_run=epochs_run, best_holdout_quality=best, history=history,
         stopped_reason=reason, quality_kind=kind, initial_holdout_quality=initial,
         best_epoch=best_epoch, rolled_back=rolled_back, planned_epochs=plan_epochs,
-        annealed_at=annealed_at,
+        annealed_at=anneal[0][0] if anneal else None,
     )

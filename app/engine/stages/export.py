@@ -130,6 +130,7 @@ class OnnxCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._files: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0  # sum of the cached files' sizes
         self._lock = threading.Lock()  # a thread-pool worker may run two jobs at once
 
     def export(self, key: str | None, path: Path, export: Callable[[Path], Path]) -> bool:
@@ -149,9 +150,11 @@ class OnnxCache:
             data = path.read_bytes()
             if len(data) <= self.max_bytes:
                 with self._lock:
-                    self._files[key] = data
-                    while sum(map(len, self._files.values())) > self.max_bytes:
-                        self._files.popitem(last=False)
+                    if key not in self._files:  # another thread may have just added it
+                        self._files[key] = data
+                        self._bytes += len(data)
+                    while self._bytes > self.max_bytes:
+                        self._bytes -= len(self._files.popitem(last=False)[1])
         return False
 
     def __len__(self) -> int:
