@@ -478,6 +478,9 @@ def finish_run(
         "candidates": [x.to_dict() for x in outcome.candidates],
         "pareto_front": outcome.front,
         "skipped": outcome.skipped,
+        # An untrained choice distilled with the time left (planner.search.polish): the
+        # copy's candidate index and whether it replaced the choice; None = no polish.
+        "polish": outcome.polished,
         "warnings": warnings,
         "ratios": {
             "size": baseline.size_bytes / max(best.metrics.size_bytes, 1),
@@ -609,10 +612,12 @@ def _run(
     else:
         sp = space or default_space(linear_heavy=_linear_heavy(teacher),
                                     depthwise=_has_depthwise(teacher))
-        if sp.lr is None:  # the distillation rate of the model's family
-            from app.engine.stages.distill import FAMILY_SCHEDULES
+        from app.engine.stages.distill import FAMILY_SCHEDULES, MIXUP_MIN_EPOCHS
 
-            sp = replace(sp, lr=FAMILY_SCHEDULES[ev.family].lr)
+        family = FAMILY_SCHEDULES[ev.family]  # what the space leaves unset is the family's
+        mixup = family.mixup if sp.distill_epochs >= MIXUP_MIN_EPOCHS else 0.0
+        sp = replace(sp, lr=family.lr if sp.lr is None else sp.lr,
+                     mixup=mixup if sp.mixup is None else sp.mixup)
         outcome = search(ev, c, sp, seed=spec.seed, deadline=search_deadline,
                          on_progress=clock.progress, tracker=clock.tracker)
     best: Candidate = outcome.best

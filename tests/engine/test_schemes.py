@@ -176,7 +176,8 @@ def test_fallback_replaces_the_failed_scheme_at_every_ratio() -> None:
     from app.engine.planner.search import _fall_back
 
     grid = SearchSpace(prune_ratios=(0.0, 0.5), quant_schemes=("int8_static", "int8_dynamic",
-                                                               "none"), lr=1e-3).grid(0)
+                                                               "none"), lr=1e-3,
+                       mixup=0.0).grid(0)
     assert [(r.prune_ratio, r.quant) for r in grid] == [
         (0.0, "int8_static"), (0.0, "int8_dynamic"), (0.5, "int8_static"),
         (0.5, "int8_dynamic"), (0.5, "none")]
