@@ -147,6 +147,16 @@ FAMILY_SCHEDULES: dict[Family, FamilySchedule] = {
 _ATTENTION_OPS = ("scaled_dot_product_attention", "softmax")
 
 
+def has_attention(model: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` module, or a ``scaled_dot_product_attention`` / ``softmax``
+    call in an FX graph (``graph.modularize`` output)."""
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return True
+    return isinstance(model, torch.fx.GraphModule) and any(
+        n.op == "call_function" and any(a in str(n.target) for a in _ATTENTION_OPS)
+        for n in model.graph.nodes)
+
+
 def model_family(model: nn.Module) -> Family:
     """"transformer" if the graph has attention or more LayerNorm than BatchNorm layers,
     "cnn" if it has convolutions, else "dense".
@@ -160,12 +170,7 @@ def model_family(model: nn.Module) -> Family:
     mods = list(model.modules())
     layer_norms = sum(isinstance(m, nn.LayerNorm) for m in mods)
     batch_norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods)
-    attention = any(isinstance(m, nn.MultiheadAttention) for m in mods)
-    if isinstance(model, torch.fx.GraphModule):
-        attention = attention or any(
-            n.op == "call_function" and any(a in str(n.target) for a in _ATTENTION_OPS)
-            for n in model.graph.nodes)
-    if attention or layer_norms > batch_norms:
+    if has_attention(model) or layer_norms > batch_norms:
         return "transformer"
     if any(isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) for m in mods):
         return "cnn"
