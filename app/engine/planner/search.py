@@ -336,10 +336,7 @@ def search(
     distilled = 0
     track.plan(distills=min(space.max_distill, math.ceil(math.log2(len(window) + 1))))
     while window:
-        # After training: convert + export + measure, about three cheap builds' worth (loaded
-        # machines make the QAT convert and export slower than the cheap builds were).
-        after_s = 3.0 * sorted(build_s)[len(build_s) // 2] if build_s else 0.0
-        remaining = deadline - clock() - after_s
+        remaining = deadline - clock() - _after_training_s(build_s)
         if distilled >= space.max_distill or remaining < space.min_distill_s:
             break
         # Bisection over the objective order: try the middle one; if it passes, only better
@@ -390,12 +387,19 @@ def search(
     status, best, remeasured = confirm_finalists(ev, candidates, built, constraints)
     polished = None
     if status == "succeeded" and not candidates[best].distilled and space.max_distill > 0:
-        after_s = 3.0 * sorted(build_s)[len(build_s) // 2] if build_s else 0.0
         status, best, polished = polish(ev, candidates, built, best, constraints, space,
-                                        deadline - clock() - after_s, track, progress, skipped)
+                                        deadline - clock() - _after_training_s(build_s), track,
+                                        progress, skipped)
     return Outcome(status=status, best_index=best, candidates=candidates, built=built,
                    front=pareto_front(candidates), skipped=skipped, warnings=warnings,
                    remeasured=remeasured, polished=polished)
+
+
+def _after_training_s(build_s: Sequence[float]) -> float:
+    """Seconds to keep for after a distillation: convert + export + measure, about three
+    cheap builds' worth (median; loaded machines make the QAT convert and export slower than
+    the cheap builds were)."""
+    return 3.0 * sorted(build_s)[len(build_s) // 2] if build_s else 0.0
 
 
 def polish(ev: Evaluator, candidates: list[Candidate], built: list[Any], best: int,
