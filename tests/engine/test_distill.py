@@ -16,6 +16,7 @@ from app.engine.stages.distill import (
     FAMILY_SCHEDULES,
     DistillConfig,
     distill,
+    has_attention,
     lr_factor,
     model_family,
 )
@@ -318,6 +319,47 @@ def _tiny_vit() -> torch.nn.Module:
                        num_labels=10)
     torch.manual_seed(0)
     return _ImageLogits(tf.ViTForImageClassification(cfg)).eval()
+
+
+def test_only_a_softmax_that_weights_values_is_attention() -> None:
+    """A classifier that ends in softmax is a CNN, not a transformer: it keeps the CNN rate,
+    mixup and QAT. Attention written out by hand (softmax -> to -> dropout -> matmul, as
+    transformers' eager attention) or as scaled_dot_product_attention is attention."""
+    import transformers as tf
+
+    from app.engine.graph import modularize
+    from examples.hf_zoo import _ImageLogits
+
+    def graph(m: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+        return modularize(torch.export.export(m.eval(), (x,)))
+
+    class SoftmaxCNN(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8),
+                                            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                            torch.nn.Flatten(), torch.nn.Linear(8, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.body(x), dim=-1)
+
+    class HandAttention(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = torch.softmax(x @ x.transpose(-1, -2) / 4.0, dim=-1)
+            return w @ x
+
+    img = torch.randn(2, 1, 8, 8)
+    cnn = graph(SoftmaxCNN(), img)
+    assert not has_attention(cnn) and model_family(cnn) == "cnn"
+    assert has_attention(graph(HandAttention(), torch.randn(2, 4, 8)))
+    cfg = dict(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+               num_attention_heads=2, intermediate_size=32, num_labels=10)
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        vit = _ImageLogits(tf.ViTForImageClassification(
+            tf.ViTConfig(**cfg, attn_implementation=impl))).eval()
+        assert has_attention(graph(vit, img)), impl
+    assert has_attention(torch.nn.MultiheadAttention(8, 2))  # eager modules too
 
 
 def test_model_family_from_the_graph() -> None:

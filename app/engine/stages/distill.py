@@ -144,25 +144,68 @@ FAMILY_SCHEDULES: dict[Family, FamilySchedule] = {
     "dense": FamilySchedule(lr=5e-3, warmup_fraction=0.05, mixup=0.4),
 }
 
-_ATTENTION_OPS = ("scaled_dot_product_attention", "softmax")
+# A softmax is attention's only when its probabilities weight values: they reach a batched
+# matrix product, through ops that move or mask but do not mix them (eager attention:
+# softmax -> to(dtype) -> dropout -> matmul). A classifier's output softmax reaches none.
+_PRODUCT_OPS = frozenset({"matmul", "bmm", "mm", "einsum", "baddbmm"})
+_PASS_THROUGH_OPS = frozenset({
+    "to", "_to_copy", "dropout", "native_dropout", "clone", "contiguous", "type_as", "alias",
+    "view", "reshape", "_unsafe_view", "expand", "unsqueeze", "squeeze", "permute", "transpose",
+    "masked_fill", "where", "getitem",
+})
+_PASS_THROUGH_DEPTH = 8  # ops between the softmax and the product; eager attention has 2
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    """"matmul" for ``aten.matmul.default``, "getitem" for ``operator.getitem``."""
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    schema = getattr(target, "_schema", None)
+    return schema.name.split("::")[-1] if schema is not None else name.split(".")[0]
+
+
+def _weights_values(softmax: torch.fx.Node) -> bool:
+    frontier, seen = [softmax], {softmax}
+    for _ in range(_PASS_THROUGH_DEPTH):
+        nxt: list[torch.fx.Node] = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen or user.op != "call_function":
+                    continue
+                op = _op_name(user)
+                if op in _PRODUCT_OPS:
+                    return True
+                if op in _PASS_THROUGH_OPS:
+                    seen.add(user)
+                    nxt.append(user)
+        frontier = nxt
+    return False
 
 
 def has_attention(model: nn.Module) -> bool:
-    """An ``nn.MultiheadAttention`` module, or a ``scaled_dot_product_attention`` / ``softmax``
-    call in an FX graph (``graph.modularize`` output)."""
+    """An ``nn.MultiheadAttention`` module, or in an FX graph (``graph.modularize`` output) a
+    ``scaled_dot_product_attention`` call or a softmax whose output weights a matrix product
+    (a softmax that only ends a classifier is not attention)."""
     if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         return True
-    return isinstance(model, torch.fx.GraphModule) and any(
-        n.op == "call_function" and any(a in str(n.target) for a in _ATTENTION_OPS)
-        for n in model.graph.nodes)
+    if not isinstance(model, torch.fx.GraphModule):
+        return False
+    for n in model.graph.nodes:
+        if n.op != "call_function":
+            continue
+        op = _op_name(n)
+        if op == "scaled_dot_product_attention" or (op in ("softmax", "_softmax")
+                                                    and _weights_values(n)):
+            return True
+    return False
 
 
 def model_family(model: nn.Module) -> Family:
     """"transformer" if the graph has attention or more LayerNorm than BatchNorm layers,
     "cnn" if it has convolutions, else "dense".
 
-    Attention shows as a ``scaled_dot_product_attention`` / ``softmax`` call in an FX graph
-    (``graph.modularize`` output) or an ``nn.MultiheadAttention`` module in eager code.
+    Attention is :func:`has_attention`'s: scaled dot-product attention, a softmax that weights a
+    matrix product, or an ``nn.MultiheadAttention`` module in eager code.
 
     >>> model_family(nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8)))
     'cnn'
