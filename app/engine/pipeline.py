@@ -409,13 +409,14 @@ class StageEvaluator:
                             lr=recipe.lr, time_budget_s=time_budget_s, seed=recipe.seed,
                             mixup=recipe.mixup, patience=DISTILL_PATIENCE,
                             warmup_fraction=FAMILY_SCHEDULES[self.family].warmup_fraction,
+                            hidden_weight=FAMILY_SCHEDULES[self.family].hidden_weight,
                             task=self.scorer.task)
         rep = distill(student.to(self.device), teacher, self.train, self.val, cfg,
                       device=self.device, on_progress=self.clock.epoch)
         student, epochs_run = rep.student, int(rep.epochs_run)
         self.distill_log.append({
             "recipe": f"prune {recipe.prune_ratio:.0%} {recipe.quant}", "family": self.family,
-            "quantization_aware": qat,
+            "quantization_aware": qat, "hidden_state_layers": rep.hidden_layers,
             "lr": recipe.lr, "warmup_fraction": cfg.warmup_fraction,
             "min_lr_fraction": cfg.min_lr_fraction, "epochs_run": epochs_run,
             "epochs_planned": rep.planned_epochs,

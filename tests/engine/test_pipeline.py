@@ -201,6 +201,9 @@ def test_an_attention_model_s_int8_student_distils_in_fp32_then_quantizes(
     (enc_run,), (mlp_run,) = (r.report["distillation"]["runs"] for r in (enc, mlp))
     assert enc_run["family"] == "transformer" and enc_run["quantization_aware"] is False
     assert mlp_run["family"] == "dense" and mlp_run["quantization_aware"] is True
+    # The encoder's fp32 student also matches the teacher's hidden states (its 3 LayerNorms:
+    # one layer's two and the final one); the MLP has none to match.
+    assert enc_run["hidden_state_layers"] == 3 and mlp_run["hidden_state_layers"] == 0
     for r in (enc, mlp):
         ops = {n.op_type for n in onnx.load(str(r.artifacts["model.onnx"])).graph.node}
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops, ops  # int8 either way
