@@ -1,11 +1,11 @@
 """How fast can each zoo model get at all? The engine's untrained grid, measured at batch 8.
 
     .venv/bin/python -m bench.zoo_grid [--models resnet,cnn,...] [--ratios 0,0.5,0.7,0.9]
-        [--out DIR]
+        [--quant int8_static,none] [--out DIR]
 
 Builds and trains every model of ``examples/hf_zoo.py`` as ``bench/zoo.py`` does (same seed,
 same training split), then runs the engine's cheap phase only (``SearchSpace(max_distill=0)``:
-prune at each ratio x {int8 static, fp32}, quantize, export, measure), with no quality limit
+prune at each ratio x each ``--quant`` scheme, quantize, export, measure), with no quality limit
 and the ``fastest`` objective, batch 8, 2 threads. Prints every candidate's size ratio and
 its batch-8 speed-up over the fp32 baseline (the engine's side-by-side measurement: median
 of interleaved per-round ratios, with its 90 % interval), and untrained quality on the
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(hf_zoo.NAMES))
     p.add_argument("--ratios", default="0,0.5,0.7,0.9")
+    p.add_argument("--quant", default="int8_static,none",
+                   help="quant schemes of the grid (the job's default for Linear-heavy models "
+                        "adds int8_dynamic)")
     p.add_argument("--test", type=int, default=400)
     p.add_argument("--out", type=Path, default=Path("bench/out/zoo_grid"))
     args = p.parse_args(argv)
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         constraints = Constraints(batch_size=8, threads=THREADS, objective="fastest",
                                   time_budget_s=900)
         res = pipeline.run(pt2, npz, JobSpec(constraints=constraints, seed=SEED), d / "engine",
-                           space=SearchSpace(prune_ratios=ratios, max_distill=0))
+                           space=SearchSpace(prune_ratios=ratios, max_distill=0,
+                                             quant_schemes=tuple(args.quant.split(","))))
         base = res.baseline
         print(f"{name}: fp32 {base.size_bytes / 1e3:.0f} KB, {base.latency_p50_ms:.3f} ms at b8,"
               f" hold-out {base.quality:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
